@@ -1,0 +1,1 @@
+"""Copyable example LightningModules, datamodules, the LightningCLI demo and benchmarks."""

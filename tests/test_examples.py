@@ -1,0 +1,114 @@
+"""Foundation: example data/models train through Trainer, bad arguments fail clearly."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from examples.data import CIFAR10DataModule, DigitsDataModule
+from examples.models import DigitsConvNet, ResNet9
+from examples.tiny import RandomClassificationData, TinyClassifier, TinyConvNet
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_digits_split_is_deterministic_and_disjoint():
+    a, b = DigitsDataModule(seed=3), DigitsDataModule(seed=3)
+    a.setup(), b.setup()
+    assert len(a.train_set) + len(a.val_set) == 1797
+    assert torch.equal(a.val_set.tensors[0], b.val_set.tensors[0])
+    assert a.train_set.tensors[0].shape[1:] == (1, 8, 8)
+    c = DigitsDataModule(seed=4)
+    c.setup()
+    assert not torch.equal(a.val_set.tensors[1], c.val_set.tensors[1])
+
+
+def test_digits_convnet_learns(trainer_kwargs):
+    model = DigitsConvNet(lr=3e-3)
+    trainer = pl.Trainer(max_epochs=3, **trainer_kwargs)
+    trainer.fit(model, datamodule=DigitsDataModule())
+    assert trainer.callback_metrics["val_acc"] > 0.9
+
+
+@pytest.mark.parametrize("in_channels,size", [(1, 8), (3, 32)])
+def test_resnet9_shapes(in_channels, size):
+    model = ResNet9(widths=(8, 8, 16, 16), in_channels=in_channels)
+    assert model(torch.randn(2, in_channels, size, size)).shape == (2, 10)
+
+
+def test_resnet9_trains_on_digits(trainer_kwargs):
+    model = ResNet9(widths=(16, 16, 32, 32), in_channels=1, lr=3e-3)
+    trainer = pl.Trainer(max_epochs=2, **trainer_kwargs)
+    trainer.fit(model, datamodule=DigitsDataModule())
+    assert trainer.callback_metrics["val_acc"] > 0.8
+
+
+@pytest.mark.parametrize("module", [TinyClassifier, TinyConvNet])
+def test_tiny_modules_fit(module, trainer_kwargs):
+    shape = (8,) if module is TinyClassifier else (1, 8, 8)
+    model = module(lr=1e-2)
+    before = [p.detach().clone() for p in model.parameters()]
+    pl.Trainer(max_steps=5, **trainer_kwargs).fit(model, datamodule=RandomClassificationData(shape=shape))
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: DigitsConvNet(optimizer="lamb"), "`optimizer` must be one of"),
+        (lambda: DigitsConvNet(lr=0), "`lr` must be a positive"),
+        (lambda: DigitsConvNet(momentum=1.0), "`momentum` must be in"),
+        (lambda: DigitsConvNet(channels=(8, 0, 8)), r"`channels` must be 3 positive integers, got \(8, 0, 8\)"),
+        (lambda: ResNet9(widths=(8, 8)), "`widths` must be 4"),
+        (lambda: DigitsDataModule(batch_size=0), "`batch_size` must be a positive integer, got 0"),
+        (lambda: DigitsDataModule(val_fraction=1.5), r"`val_fraction` must be in \(0, 1\), got 1.5"),
+    ],
+)
+def test_bad_example_arguments(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_cifar_missing_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not contain 'cifar-10-batches-py'"):
+        CIFAR10DataModule(data_dir=str(tmp_path / "nowhere"))
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "examples.cli", "fit", "--config", "examples/configs/digits_convnet.yaml", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.slow
+def test_cli_demo_runs_and_reports():
+    out = _cli("--trainer.max_epochs=1")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "[demo] DigitsConvNet" in out.stdout and "val_acc" in out.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--model", "examples.models.Nope"], "examples.models.Nope"),
+        (["--model.init_args.lr=-1"], "`lr` must be a positive finite number, got -1.0"),
+        (["--data", "examples.data.CIFAR10DataModule", "--data.data_dir=/nonexistent"], "/nonexistent"),
+        (["--trainer.max_epochs=abc"], "trainer.max_epochs"),
+    ],
+)
+def test_cli_bad_arguments_one_line(args, needle):
+    out = _cli(*args)
+    assert out.returncode == 2
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and needle in errors[0], out.stderr
+    assert "Traceback" not in out.stderr
