@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Create .venv (Python 3.11 preferred), install torch (CPU build when no CUDA), then the package.
-# Idempotent: an existing venv and an already-installed torch are kept.
+# Idempotent: an existing venv and an already-installed torch are kept. BASE_PYTHON picks the interpreter.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
-PY=${PYTHON:-$(command -v python3.11 || command -v python3)}
+PY=${BASE_PYTHON:-$(command -v python3.11 || command -v python3)}
 if [ ! -x "$VENV/bin/python" ]; then
     echo "[setup] creating $VENV with $($PY --version)"
     "$PY" -m venv "$VENV"
