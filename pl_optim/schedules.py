@@ -1,0 +1,483 @@
+"""Hyper-parameter schedules as pure functions of progress, and the param-group writer.
+
+Every schedule is an immutable callable ``schedule(step, total) -> float``: the value to use at
+optimizer step ``step`` (0-based: the number of steps that already ran) of a run of ``total``
+steps. Nothing is stored between calls, so the caller owns the counter (and can checkpoint it as a
+plain number). The conventions follow ``torch.optim.lr_scheduler`` so that each schedule equals its
+torch counterpart step by step (``pct = step / total``):
+
+==========================  =============================================  =========================
+schedule                    value at ``pct = step / total``                torch counterpart
+==========================  =============================================  =========================
+``Constant(v)``             ``v``                                          ``ConstantLR(factor=1)``
+``Linear(a, b)``            ``(b - a) * pct + a``                          ``LinearLR``
+``Cosine(a, b)``            ``b + (a - b) / 2 * (1 + cos(pi * pct))``      ``CosineAnnealingLR``
+``Exponential(a, b)``       ``a * (b / a) ** pct``                         ``ExponentialLR``
+``Polynomial(a, b, p)``     ``(a - b) * (1 - pct) ** p + b``               ``PolynomialLR``
+``StepDecay(a, n, g)``      ``a * g ** (step // n)``                       ``StepLR``
+``MultiStep(a, ms, g)``     ``a * g ** #{m in ms : m <= step}``            ``MultiStepLR``
+``WarmRestarts(a, b, T, m)``cosine ``a -> b`` restarted, periods ``T*m^k``  ``CosineAnnealingWarmRestarts``
+``Warmup(s, n, start)``     linear ``start -> s(0)`` for ``n`` steps, then ``s``   ``LinearLR`` + ``SequentialLR``
+``Combined(pcts, ss)``      ``ss[i]`` over the fraction ``pcts[i]`` of the run  fastai ``combine_scheds``
+``OneCycle`` (see below)    warm-up then anneal, torch's phase boundaries  ``OneCycleLR``
+==========================  =============================================  =========================
+
+Lengths given as ``int`` are optimizer steps; lengths given as ``float`` are fractions of
+``total`` (in ``(0, 1]``), so a schedule can be written once for any run length.
+
+:func:`one_cycle` returns the ``(lr, momentum)`` schedules of Smith's 1cycle policy with the phase
+boundaries of ``torch.optim.lr_scheduler.OneCycleLR`` (phase ends at ``pct_start * total - 1``,
+``2 * pct_start * total - 2`` and ``total - 1``), so its values equal torch's to rounding.
+
+:class:`GroupWriter` writes scheduled values into an optimizer's ``param_groups`` (``lr``,
+``momentum``, ``betas[0]``, ``betas[1]``, ``weight_decay`` or any custom key), with per-group
+multipliers.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+
+__all__ = [
+    "Schedule",
+    "Constant",
+    "Linear",
+    "Cosine",
+    "Exponential",
+    "Polynomial",
+    "StepDecay",
+    "MultiStep",
+    "WarmRestarts",
+    "Warmup",
+    "Combined",
+    "one_cycle",
+    "GroupWriter",
+    "resolve_field",
+]
+
+Length = int | float
+
+
+def _finite(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"`{name}` must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _positive(name: str, value: float) -> float:
+    if _finite(name, value) <= 0:
+        raise ValueError(f"`{name}` must be > 0, got {value!r}")
+    return float(value)
+
+
+def _length(name: str, value: Length) -> Length:
+    """An ``int`` >= 1 (steps) or a ``float`` in (0, 1] (fraction of the run)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"`{name}` must be an int (steps) or a float in (0, 1] (fraction), got {value!r}")
+    if isinstance(value, int) and value < 1:
+        raise ValueError(f"`{name}` must be >= 1 when given in steps, got {value!r}")
+    if isinstance(value, float) and not 0.0 < value <= 1.0:
+        raise ValueError(f"`{name}` must be in (0, 1] when given as a fraction of the run, got {value!r}")
+    return value
+
+
+def _steps(length: Length, total: float) -> float:
+    return float(length) if isinstance(length, int) else length * total
+
+
+class Schedule:
+    """Base class: an immutable callable ``schedule(step, total) -> float``.
+
+    Subclasses implement :meth:`__call__`. ``step`` and ``total`` may be floats (sub-schedules of
+    :class:`Combined` and :func:`one_cycle` are evaluated on phase-relative positions).
+    """
+
+    def __call__(self, step: float, total: float) -> float:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({args})"
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and vars(self) == vars(other)
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, repr(self)))
+
+
+class Constant(Schedule):
+    """``value`` at every step."""
+
+    def __init__(self, value: float) -> None:
+        self.value = _finite("value", value)
+
+    def __call__(self, step: float, total: float) -> float:
+        return self.value
+
+
+class _Anneal(Schedule):
+    """``start`` at step 0, ``end`` at step ``total`` (torch's convention), shape from :meth:`at`."""
+
+    def __init__(self, start: float, end: float) -> None:
+        self.start = _finite("start", start)
+        self.end = _finite("end", end)
+
+    def __call__(self, step: float, total: float) -> float:
+        return self.at(step / total if total > 0 else 1.0)
+
+    def at(self, pct: float) -> float:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class Linear(_Anneal):
+    """Linear interpolation: ``(end - start) * pct + start``."""
+
+    def at(self, pct: float) -> float:
+        return (self.end - self.start) * pct + self.start
+
+
+class Cosine(_Anneal):
+    """Half-cosine: ``end + (start - end) / 2 * (1 + cos(pi * pct))`` (SGDR without restarts)."""
+
+    def at(self, pct: float) -> float:
+        return self.end + (self.start - self.end) / 2.0 * (math.cos(math.pi * pct) + 1)
+
+
+class Exponential(_Anneal):
+    """Geometric interpolation: ``start * (end / start) ** pct`` (``start``, ``end`` > 0); torch's
+    ``ExponentialLR(gamma)`` is ``Exponential(lr, lr * gamma ** total)``."""
+
+    def __init__(self, start: float, end: float) -> None:
+        super().__init__(_positive("start", start), _positive("end", end))
+
+    def at(self, pct: float) -> float:
+        return self.start * (self.end / self.start) ** pct
+
+
+class Polynomial(_Anneal):
+    """``(start - end) * (1 - pct) ** power + end``; ``power=1`` is linear (torch ``PolynomialLR``)."""
+
+    def __init__(self, start: float, end: float = 0.0, power: float = 1.0) -> None:
+        super().__init__(start, end)
+        self.power = _positive("power", power)
+
+    def at(self, pct: float) -> float:
+        return (self.start - self.end) * max(0.0, 1.0 - pct) ** self.power + self.end
+
+
+class StepDecay(Schedule):
+    """``start * gamma ** floor(step / step_size)`` (torch ``StepLR``); ``step_size`` in steps or as a
+    fraction of the run."""
+
+    def __init__(self, start: float, step_size: Length, gamma: float = 0.1) -> None:
+        self.start = _finite("start", start)
+        self.step_size = _length("step_size", step_size)
+        self.gamma = _positive("gamma", gamma)
+
+    def __call__(self, step: float, total: float) -> float:
+        return self.start * self.gamma ** math.floor(step / max(_steps(self.step_size, total), 1e-300))
+
+
+class MultiStep(Schedule):
+    """``start * gamma ** (number of milestones <= step)`` (torch ``MultiStepLR``); milestones in
+    steps (ints) or fractions of the run (floats), increasing."""
+
+    def __init__(self, start: float, milestones: Sequence[Length], gamma: float = 0.1) -> None:
+        self.start = _finite("start", start)
+        self.milestones = tuple(_length("milestones", m) for m in milestones)
+        if not self.milestones or any(type(m) is not type(self.milestones[0]) for m in self.milestones):
+            raise ValueError(f"`milestones` must be a non-empty list of ints or of floats, got {list(milestones)!r}")
+        if list(self.milestones) != sorted(self.milestones):
+            raise ValueError(f"`milestones` must be increasing, got {list(milestones)!r}")
+        self.gamma = _positive("gamma", gamma)
+
+    def __call__(self, step: float, total: float) -> float:
+        marks = [_steps(m, total) for m in self.milestones]
+        return self.start * self.gamma ** bisect.bisect_right(marks, step)
+
+
+class WarmRestarts(Schedule):
+    """SGDR (Loshchilov & Hutter): cosine from ``start`` to ``end`` over ``period`` steps, restarted
+    with each period ``mult`` times longer (torch ``CosineAnnealingWarmRestarts(T_0, T_mult)``)."""
+
+    def __init__(self, start: float, end: float = 0.0, period: Length = 0.25, mult: int = 1) -> None:
+        self.start, self.end = _finite("start", start), _finite("end", end)
+        self.period = _length("period", period)
+        if isinstance(mult, bool) or not isinstance(mult, int) or mult < 1:
+            raise ValueError(f"`mult` must be an integer >= 1, got {mult!r}")
+        self.mult = mult
+
+    def __call__(self, step: float, total: float) -> float:
+        t0 = _steps(self.period, total)
+        if self.mult == 1:
+            t_cur, t_i = step % t0, t0
+        else:
+            n = int(math.log(step / t0 * (self.mult - 1) + 1, self.mult))
+            t_cur = step - t0 * (self.mult**n - 1) / (self.mult - 1)
+            t_i = t0 * self.mult**n
+        return self.end + (self.start - self.end) * (1 + math.cos(math.pi * t_cur / t_i)) / 2
+
+
+def _check_schedule(name: str, s: object) -> Schedule:
+    if not callable(s):
+        raise ValueError(f"`{name}` must be a schedule (callable (step, total) -> float), got {s!r}")
+    return s  # type: ignore[return-value]
+
+
+class Warmup(Schedule):
+    """Linear warm-up from ``start`` to ``schedule``'s first value over ``steps``, then ``schedule``
+    over the remaining ``total - steps`` steps."""
+
+    def __init__(self, schedule: Schedule, steps: Length, start: float = 0.0) -> None:
+        self.schedule = _check_schedule("schedule", schedule)
+        self.steps = _length("steps", steps)
+        self.start = _finite("start", start)
+
+    def __call__(self, step: float, total: float) -> float:
+        n = _steps(self.steps, total)
+        rest = max(total - n, 0.0)
+        if step < n:
+            return Linear(self.start, self.schedule(0, rest))(step, n)
+        return self.schedule(step - n, rest)
+
+
+def _piecewise(step: float, bounds: Sequence[float], schedules: Sequence[Schedule], inclusive: bool) -> float:
+    """Evaluate the phase holding ``step``: phase i spans ``(bounds[i-1], bounds[i]]`` when
+    ``inclusive`` (torch OneCycleLR) else ``[bounds[i-1], bounds[i])`` (fastai), ``bounds[-1] = 0``;
+    the last phase extends to infinity. The phase schedule sees ``(step - start, end - start)``."""
+    start = 0.0
+    last = len(schedules) - 1
+    for i, (end, sched) in enumerate(zip(bounds, schedules)):
+        if i == last or (step <= end if inclusive else step < end):
+            return sched(step - start, end - start)
+        start = end
+    raise AssertionError("unreachable")
+
+
+class Combined(Schedule):
+    """Phases one after the other (fastai's ``combine_scheds``): ``schedules[i]`` runs over the
+    fraction ``pcts[i]`` of the run, seeing phase-relative ``(step, total)``.
+
+    Example::
+
+        warm_cos = Combined([0.25, 0.75], [Cosine(1e-4, 1e-2), Cosine(1e-2, 1e-6)])
+    """
+
+    def __init__(self, pcts: Sequence[float], schedules: Sequence[Schedule]) -> None:
+        self.pcts = tuple(_finite("pcts", p) for p in pcts)
+        self.schedules = tuple(_check_schedule("schedules", s) for s in schedules)
+        if len(self.pcts) != len(self.schedules) or not self.pcts:
+            raise ValueError(f"`pcts` and `schedules` must have the same non-zero length, got {len(self.pcts)} and {len(self.schedules)}")
+        if any(p <= 0 for p in self.pcts) or abs(sum(self.pcts) - 1.0) > 1e-9:
+            raise ValueError(f"`pcts` must be positive and sum to 1, got {list(pcts)!r}")
+
+    def __call__(self, step: float, total: float) -> float:
+        bounds, acc = [], 0.0
+        for p in self.pcts:
+            acc += p
+            bounds.append(acc * total)
+        return _piecewise(step, bounds, self.schedules, inclusive=False)
+
+
+class _OneCyclePhases(Schedule):
+    """torch ``OneCycleLR``'s phases: ends at ``pct*T - 1`` (``2*pct*T - 2``) and ``T - 1``."""
+
+    def __init__(self, pct_start: float, schedules: Sequence[Schedule]) -> None:
+        self.pct_start = pct_start
+        self.schedules = tuple(schedules)
+
+    def __call__(self, step: float, total: float) -> float:
+        ends = [float(self.pct_start * total) - 1]
+        if len(self.schedules) == 3:
+            ends.append(float(2 * self.pct_start * total) - 2)
+        ends.append(total - 1)
+        return _piecewise(step, ends, self.schedules, inclusive=True)
+
+
+ANNEAL = {"cos": Cosine, "linear": Linear}
+
+
+def one_cycle(
+    max_lr: float,
+    pct_start: float = 0.3,
+    anneal_strategy: str = "cos",
+    base_momentum: float = 0.85,
+    max_momentum: float = 0.95,
+    div_factor: float = 25.0,
+    final_div_factor: float = 1e4,
+    three_phase: bool = False,
+) -> tuple[Schedule, Schedule]:
+    r"""The ``(lr, momentum)`` schedules of the 1cycle policy (Smith 2018; torch ``OneCycleLR``).
+
+    With :math:`\eta_0 = \eta_{max}/d`, :math:`\eta_{min} = \eta_0/f` and anneal :math:`A`
+    (cosine or linear), the lr goes :math:`\eta_0 \to \eta_{max}` over the first ``pct_start``
+    of the run, then :math:`\eta_{max} \to \eta_{min}` (``three_phase``: :math:`\eta_{max} \to
+    \eta_0` symmetrically, then :math:`\eta_0 \to \eta_{min}`); momentum moves the opposite way,
+    ``max_momentum -> base_momentum -> max_momentum``. Phase boundaries are torch's.
+
+    Args:
+        max_lr: peak learning rate.
+        pct_start: fraction of the run spent warming up.
+        anneal_strategy: ``"cos"`` or ``"linear"``.
+        base_momentum: lowest momentum (at the lr peak).
+        max_momentum: highest momentum (at both ends).
+        div_factor: ``initial_lr = max_lr / div_factor``.
+        final_div_factor: ``min_lr = initial_lr / final_div_factor``.
+        three_phase: use the symmetric three-phase variant.
+
+    Returns:
+        ``(lr_schedule, momentum_schedule)``.
+
+    Raises:
+        ValueError: a bad argument (named, with its value).
+
+    Example::
+
+        lr, mom = one_cycle(0.1)
+        [lr(s, 100) for s in range(100)]  # == torch OneCycleLR(opt, 0.1, total_steps=100)'s lrs
+    """
+    _positive("max_lr", max_lr)
+    if isinstance(pct_start, bool) or not isinstance(pct_start, (int, float)) or not 0.0 < pct_start < 1.0:
+        raise ValueError(f"`pct_start` must be in (0, 1), got {pct_start!r}")
+    if anneal_strategy not in ANNEAL:
+        raise ValueError(f"`anneal_strategy` must be one of {sorted(ANNEAL)}, got {anneal_strategy!r}")
+    for name, m in (("base_momentum", base_momentum), ("max_momentum", max_momentum)):
+        if not 0.0 <= _finite(name, m) < 1.0:
+            raise ValueError(f"`{name}` must be in [0, 1), got {m!r}")
+    _positive("div_factor", div_factor)
+    _positive("final_div_factor", final_div_factor)
+    anneal = ANNEAL[anneal_strategy]
+    initial = max_lr / div_factor
+    minimum = initial / final_div_factor
+    if three_phase:
+        lr = [anneal(initial, max_lr), anneal(max_lr, initial), anneal(initial, minimum)]
+        mom = [anneal(max_momentum, base_momentum), anneal(base_momentum, max_momentum), anneal(max_momentum, max_momentum)]
+    else:
+        lr = [anneal(initial, max_lr), anneal(max_lr, minimum)]
+        mom = [anneal(max_momentum, base_momentum), anneal(base_momentum, max_momentum)]
+    return _OneCyclePhases(pct_start, lr), _OneCyclePhases(pct_start, mom)
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing values into param_groups
+# ----------------------------------------------------------------------------------------------
+
+_ALIASES = {"beta1": "betas[0]", "beta2": "betas[1]"}
+
+
+def resolve_field(optimizer: torch.optim.Optimizer, field: str) -> str:
+    """Map a user field name to the param-group key it drives, checking the optimizer has it.
+
+    ``"momentum"`` means ``group["momentum"]`` (SGD, RMSprop) or, for optimizers with ``betas``
+    (the Adam family), ``betas[0]``. ``"beta1"``/``"beta2"`` are aliases of ``"betas[0]"``/
+    ``"betas[1]"``. Any other key must already exist in every param group.
+
+    Raises:
+        ValueError: the optimizer's param groups lack the field.
+    """
+    key = _ALIASES.get(field, field)
+    group = optimizer.param_groups[0]
+    if key == "momentum" and "momentum" not in group and "betas" in group:
+        key = "betas[0]"
+    base = "betas" if key.startswith("betas[") else key
+    if key.startswith("betas[") and key not in ("betas[0]", "betas[1]"):
+        raise ValueError(f"field {field!r} is not supported; use 'betas[0]' or 'betas[1]'")
+    if any(base not in g for g in optimizer.param_groups):
+        have = sorted(k for k, v in group.items() if k != "params" and isinstance(v, (int, float, tuple)))
+        raise ValueError(
+            f"{type(optimizer).__name__} has no param-group field {field!r} (it has {have}); "
+            "'momentum' needs SGD/RMSprop-style `momentum` or Adam-style `betas`"
+        )
+    return key
+
+
+def _setter(key: str) -> Callable[[dict, float], None]:
+    if key == "betas[0]":
+        def set_beta1(group: dict, value: float) -> None:
+            group["betas"] = (value, *group["betas"][1:])
+        return set_beta1
+    if key == "betas[1]":
+        def set_beta2(group: dict, value: float) -> None:
+            group["betas"] = (group["betas"][0], value, *group["betas"][2:])
+        return set_beta2
+
+    def set_key(group: dict, value: float) -> None:
+        group[key] = value
+    return set_key
+
+
+def read_field(group: dict, key: str) -> float:
+    """The current value of a resolved field (``"betas[0]"`` style keys included)."""
+    if key.startswith("betas["):
+        return float(group["betas"][int(key[6])])
+    return group[key]
+
+
+class GroupWriter:
+    """Write scheduled values into the param groups of one optimizer.
+
+    For param group :math:`g` and field :math:`k`:
+    :math:`\\text{group}_g[k] \\leftarrow m_{k,g} \\cdot s_{k,g}(\\text{step}, \\text{total})`,
+    where :math:`s_{k,g}` is one schedule for all groups or one per group, and :math:`m_{k,g}` the
+    per-group multiplier (discriminative learning rates; default 1).
+
+    Args:
+        optimizer: the optimizer whose ``param_groups`` are written.
+        schedules: field -> a schedule, or a list with one schedule per param group. Fields:
+            ``"lr"``, ``"momentum"`` (``betas[0]`` on Adam-likes), ``"betas[0]"``/``"beta1"``,
+            ``"betas[1]"``/``"beta2"``, ``"weight_decay"``, or any existing custom key.
+        multipliers: field -> one factor per param group.
+
+    Raises:
+        ValueError: a missing field, or a per-group list of the wrong length.
+
+    Example::
+
+        writer = GroupWriter(opt, {"lr": Cosine(0.1, 0.0)}, {"lr": [0.1, 1.0]})
+        writer.apply(step, total)
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        schedules: Mapping[str, Schedule | Sequence[Schedule]],
+        multipliers: Mapping[str, Sequence[float]] | None = None,
+    ) -> None:
+        self.optimizer = optimizer
+        groups = optimizer.param_groups
+        n = len(groups)
+        multipliers = dict(multipliers or {})
+        unknown = set(multipliers) - set(schedules)
+        if unknown:
+            raise ValueError(f"`multipliers` names fields without a schedule: {sorted(unknown)}")
+        # one entry per (group, field): (group dict, setter, schedule, multiplier)
+        self.entries: list[tuple[dict, Callable[[dict, float], None], Schedule, float]] = []
+        self.keys: dict[str, str] = {}
+        for field, sched in schedules.items():
+            key = resolve_field(optimizer, field)
+            self.keys[field] = key
+            per_group = list(sched) if isinstance(sched, (list, tuple)) else [sched] * n
+            if len(per_group) != n:
+                raise ValueError(f"`{field}` has {len(per_group)} schedules but the optimizer has {n} param groups")
+            mults = list(multipliers.get(field, [1.0] * n))
+            if len(mults) != n:
+                raise ValueError(f"`multipliers[{field!r}]` has {len(mults)} values but the optimizer has {n} param groups, got {mults!r}")
+            for m in mults:
+                _finite(f"multipliers[{field!r}]", m)
+            setter = _setter(key)
+            for group, s, m in zip(groups, per_group, mults):
+                self.entries.append((group, setter, _check_schedule(field, s), float(m)))
+
+    def values(self, step: float, total: float) -> list[float]:
+        """The values :meth:`apply` would write, in entry order (field-major, then group)."""
+        return [m * s(step, total) for _, _, s, m in self.entries]
+
+    def apply(self, step: float, total: float) -> None:
+        """Write every scheduled field of every param group for position ``step`` of ``total``."""
+        for group, setter, s, m in self.entries:
+            setter(group, m * s(step, total))
