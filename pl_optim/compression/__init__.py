@@ -1,3 +1,29 @@
 """Self-compressing networks: quantiser, size loss, dependency analysis, channel surgery, export."""
 
-__all__: list[str] = []
+from pl_optim.compression.quantizer import (
+    ChannelQuantizer,
+    attach_quantizers,
+    dead_channels,
+    quantize,
+    quantized_layers,
+    quantizer_parameters,
+)
+from pl_optim.compression.report import LayerSize, compression_stats, format_report, layer_sizes
+from pl_optim.compression.size import add_size_grad, float_weight_count, size_bits, size_loss
+
+__all__ = [
+    "ChannelQuantizer",
+    "LayerSize",
+    "add_size_grad",
+    "attach_quantizers",
+    "compression_stats",
+    "dead_channels",
+    "float_weight_count",
+    "format_report",
+    "layer_sizes",
+    "quantize",
+    "quantized_layers",
+    "quantizer_parameters",
+    "size_bits",
+    "size_loss",
+]

@@ -1,0 +1,227 @@
+"""Per-output-channel learnable quantiser of Cséfalvay & Imber, "Self-Compressing Neural Networks".
+
+Every output channel ``i`` of a conv/linear weight ``W`` gets a learnable bit depth ``b_i`` and
+exponent ``e_i``; the layer computes with
+
+    q(W_i) = 2^{e_i} * round(clamp(2^{-e_i} * W_i, -2^{b_i - 1}, 2^{b_i - 1} - 1)),   b_i <- max(b_i, 0)
+
+``round`` has a straight-through gradient (1), so gradients reach ``W`` (inside the clamp range),
+``e`` (through both powers of two) and ``b`` (through the clamp bounds, for weights that are
+clipped). ``b`` is real-valued; it enters through ``relu(b)`` so that it is effectively >= 0.
+
+**Dead-channel rule** (used by size counting, export and channel removal alike,
+:func:`dead_channels`): channel ``i`` is dead iff ``b_i <= 0``. Then the clamp range is the
+single point ``-1/2`` and ``round(-1/2) = 0`` (round half to even), so every quantised weight of
+the channel is exactly 0 and ``relu`` stops all gradient to ``b_i``: a dead channel stays dead.
+(For ``0 < b_i < 1`` weights can still quantise to ``-2^{e_i}``, so such a channel is alive.)
+
+The quantiser is attached with :mod:`torch.nn.utils.parametrize`, which keeps the layer's
+weight ``nn.Parameter`` object (it becomes ``layer.parametrizations.weight.original``), so an
+optimizer built before or after attaching sees the same tensor, and any code that reads
+``layer.weight`` (``F.conv2d`` in ``forward``, user code, hooks) gets the quantised weight.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+#: Layer types that get a quantiser: output channels are dim 0 of their ``weight``.
+QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def _check_bits(init_bits: float) -> float:
+    if isinstance(init_bits, bool) or not isinstance(init_bits, (int, float)) or not math.isfinite(init_bits) or init_bits <= 0:
+        raise ValueError(f"`init_bits` must be a positive finite number, got {init_bits!r}")
+    return float(init_bits)
+
+
+def ste_round(x: torch.Tensor) -> torch.Tensor:
+    """``round(x)`` in the forward pass, identity gradient in the backward pass."""
+    return x + (torch.round(x) - x).detach()
+
+
+def quantize(weight: torch.Tensor, bits: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
+    """``2^e * round(clamp(2^-e * w, -2^(b-1), 2^(b-1) - 1))`` per output channel (dim 0).
+
+    Args:
+        weight: ``[C_out, ...]`` weight.
+        bits: ``[C_out]`` bit depths (negative values act as 0).
+        exponent: ``[C_out]`` exponents.
+
+    Returns:
+        The quantised weight, same shape and dtype as ``weight``, differentiable in all three
+        inputs (straight-through ``round``).
+    """
+    shape = (-1,) + (1,) * (weight.dim() - 1)
+    b = torch.relu(bits).reshape(shape)
+    e = exponent.reshape(shape)
+    half = torch.exp2(b - 1)
+    x = torch.minimum(torch.maximum(torch.exp2(-e) * weight, -half), half - 1)
+    return (torch.exp2(e) * ste_round(x)).to(weight.dtype)
+
+
+def integer_codes(weight: torch.Tensor, bits: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
+    """The integers ``round(clamp(2^-e * w, ...))`` of :func:`quantize` (no gradient), as int64."""
+    with torch.no_grad():
+        shape = (-1,) + (1,) * (weight.dim() - 1)
+        half = torch.exp2(torch.relu(bits).reshape(shape) - 1)
+        x = torch.minimum(torch.maximum(torch.exp2(-exponent.reshape(shape)) * weight, -half), half - 1)
+        return torch.round(x).to(torch.int64)
+
+
+def initial_exponent(weight: torch.Tensor, init_bits: float) -> torch.Tensor:
+    """Exponents making the starting quantisation faithful: each channel's ``max|w|`` maps to the
+    largest positive level ``2^(b0-1) - 1`` (to ``2^(b0-1)``, the negative end, when ``b0 <= 1``).
+
+    ``e_i = log2(max|w_i|) - log2(L)``, ``L = 2^(b0-1) - 1`` if ``b0 > 1`` else ``2^(b0-1)``;
+    an all-zero channel gets ``e = 0``. (Ports that start from ``e = -8`` clip every weight
+    above ``2^(b0-1) * 2^-8`` and lose the float accuracy at step 0.)
+    """
+    with torch.no_grad():
+        peak = weight.detach().abs().reshape(weight.shape[0], -1).amax(dim=1).float()
+        levels = 2.0 ** (init_bits - 1) - 1 if init_bits > 1 else 2.0 ** (init_bits - 1)
+        return torch.where(peak > 0, torch.log2(peak.clamp_min(torch.finfo(torch.float32).tiny)) - math.log2(levels), 0.0)
+
+
+class ChannelQuantizer(nn.Module):
+    """Parametrization of a conv/linear ``weight``: learnable per-output-channel ``bits`` and
+    ``exponent`` (float32 ``nn.Parameter`` of shape ``[C_out]``), forward = :func:`quantize`.
+
+    Also holds a buffer ``float_numel``: the weight count of the layer when the quantiser was
+    attached (the float model's size, the reference for "% of bits kept" even after channel
+    removal shrinks the weight).
+
+    Args:
+        weight: the layer's weight (used for the shape and to initialise ``exponent``).
+        init_bits: initial bit depth of every channel (> 0).
+
+    Raises:
+        ValueError: ``init_bits`` is not a positive finite number.
+    """
+
+    def __init__(self, weight: torch.Tensor, init_bits: float = 8.0) -> None:
+        super().__init__()
+        init_bits = _check_bits(init_bits)
+        c_out = weight.shape[0]
+        self.bits = nn.Parameter(torch.full((c_out,), init_bits, dtype=torch.float32, device=weight.device))
+        self.exponent = nn.Parameter(initial_exponent(weight, init_bits).to(weight.device))
+        self.register_buffer("float_numel", torch.tensor(weight.numel(), dtype=torch.int64, device=weight.device))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return quantize(weight, self.bits, self.exponent)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.bits.numel()}"
+
+
+def dead_channels(quantizer: ChannelQuantizer) -> torch.Tensor:
+    """Boolean ``[C_out]`` mask of dead channels: ``bits <= 0`` (all quantised weights are exactly 0)."""
+    return quantizer.bits.detach() <= 0
+
+
+def _check_model(model: nn.Module) -> None:
+    if not any(isinstance(m, QUANTIZABLE) for m in model.modules()):
+        raise ValueError(
+            f"the model ({type(model).__name__}) has no Conv1d/Conv2d/Conv3d/Linear layer to quantise; "
+            "self-compression supports exactly those layer types"
+        )
+
+
+def quantized_layers(model: nn.Module) -> dict[str, tuple[nn.Module, ChannelQuantizer]]:
+    """Qualified layer name -> ``(layer, quantizer)`` for every layer carrying a
+    :class:`ChannelQuantizer` on its ``weight``, in module order."""
+    out = {}
+    for name, module in model.named_modules():
+        if parametrize.is_parametrized(module, "weight"):
+            for p in module.parametrizations.weight:
+                if isinstance(p, ChannelQuantizer):
+                    out[name] = (module, p)
+    return out
+
+
+def attach_quantizers(
+    model: nn.Module, exclude: Iterable[str] = (), init_bits: float = 8.0
+) -> dict[str, ChannelQuantizer]:
+    """Register a :class:`ChannelQuantizer` on the ``weight`` of every conv/linear layer of
+    ``model`` that is not excluded and not already quantised.
+
+    The layer's weight ``nn.Parameter`` keeps its identity (it becomes
+    ``layer.parametrizations.weight.original``); state-dict keys become
+    ``<layer>.parametrizations.weight.original`` and ``<layer>.parametrizations.weight.0.bits`` /
+    ``.exponent`` / ``.float_numel``.
+
+    Args:
+        model: the network.
+        exclude: qualified layer names (as in ``model.named_modules()``) to leave in float; a
+            name also excludes every layer under it.
+        init_bits: initial bit depth (> 0).
+
+    Returns:
+        Qualified name -> quantiser of the layers attached by this call.
+
+    Raises:
+        ValueError: no conv/linear layer in ``model``, an ``exclude`` name matching no conv/linear
+            layer, or a bad ``init_bits``.
+
+    Example::
+
+        attach_quantizers(net, exclude=["head"], init_bits=8)
+        opt = torch.optim.Adam(net.parameters())   # weights, bits and exponents
+    """
+    init_bits = _check_bits(init_bits)
+    _check_model(model)
+    exclude = [exclude] if isinstance(exclude, str) else list(exclude)
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, QUANTIZABLE)}
+
+    def excluded(name: str) -> bool:
+        return any(name == x or name.startswith(x + ".") for x in exclude)
+
+    for x in exclude:
+        if not any(name == x or name.startswith(x + ".") for name in layers):
+            raise ValueError(
+                f"`exclude` name {x!r} matches no Conv1d/Conv2d/Conv3d/Linear layer; layers are: {sorted(layers)}"
+            )
+    already = quantized_layers(model)
+    attached = {}
+    for name, layer in layers.items():
+        if excluded(name) or name in already:
+            continue
+        quantizer = ChannelQuantizer(layer.weight, init_bits)
+        parametrize.register_parametrization(layer, "weight", quantizer)
+        attached[name] = quantizer
+    return attached
+
+
+def quantizer_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """All ``bits`` and ``exponent`` parameters of ``model``'s quantisers, in module order."""
+    return [p for _, q in quantized_layers(model).values() for p in (q.bits, q.exponent)]
+
+
+def snapshot(model: nn.Module) -> list[torch.Tensor]:
+    """Copies of every ``bits``/``exponent`` tensor (see :func:`repair_nonfinite`)."""
+    return [p.detach().clone() for p in quantizer_parameters(model)]
+
+
+def repair_nonfinite(model: nn.Module, previous: list[torch.Tensor]) -> int:
+    """Put back the previous value of every NaN/inf entry of ``bits``/``exponent``.
+
+    Args:
+        model: the network.
+        previous: :func:`snapshot` taken before the update.
+
+    Returns:
+        The number of entries repaired (0 when everything is finite).
+    """
+    repaired = 0
+    with torch.no_grad():
+        for p, old in zip(quantizer_parameters(model), previous):
+            bad = ~torch.isfinite(p)
+            if bad.any() and old.shape == p.shape:
+                p[bad] = old[bad]
+                repaired += int(bad.sum())
+    return repaired
