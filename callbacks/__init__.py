@@ -5,7 +5,9 @@ pure-torch functions of :mod:`pl_optim`.
 """
 
 from pl_optim.callbacks._base import StepHookCallback
+from pl_optim.callbacks.self_compression import SelfCompression
 
 __all__ = [
+    "SelfCompression",
     "StepHookCallback",
 ]

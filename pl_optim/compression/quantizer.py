@@ -34,7 +34,7 @@ from torch.nn.utils import parametrize
 QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
-def _check_bits(init_bits: float) -> float:
+def check_init_bits(init_bits: float) -> float:
     if isinstance(init_bits, bool) or not isinstance(init_bits, (int, float)) or not math.isfinite(init_bits) or init_bits <= 0:
         raise ValueError(f"`init_bits` must be a positive finite number, got {init_bits!r}")
     return float(init_bits)
@@ -106,7 +106,7 @@ class ChannelQuantizer(nn.Module):
 
     def __init__(self, weight: torch.Tensor, init_bits: float = 8.0) -> None:
         super().__init__()
-        init_bits = _check_bits(init_bits)
+        init_bits = check_init_bits(init_bits)
         c_out = weight.shape[0]
         self.bits = nn.Parameter(torch.full((c_out,), init_bits, dtype=torch.float32, device=weight.device))
         self.exponent = nn.Parameter(initial_exponent(weight, init_bits).to(weight.device))
@@ -173,7 +173,7 @@ def attach_quantizers(
         attach_quantizers(net, exclude=["head"], init_bits=8)
         opt = torch.optim.Adam(net.parameters())   # weights, bits and exponents
     """
-    init_bits = _check_bits(init_bits)
+    init_bits = check_init_bits(init_bits)
     _check_model(model)
     exclude = [exclude] if isinstance(exclude, str) else list(exclude)
     layers = {name: m for name, m in model.named_modules() if isinstance(m, QUANTIZABLE)}

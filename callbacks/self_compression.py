@@ -1,0 +1,179 @@
+"""SelfCompression: learn a bit depth per output channel and pay ``gamma * Q / N`` for the size."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from pl_optim.callbacks._base import StepHookCallback, refuse_sharded_strategy
+from pl_optim.compression.quantizer import (
+    attach_quantizers,
+    check_init_bits,
+    quantizer_parameters,
+    repair_nonfinite,
+    snapshot,
+)
+from pl_optim.compression.report import compression_stats, format_report, layer_sizes, plot_series
+from pl_optim.compression.size import add_size_grad
+
+
+class SelfCompression(StepHookCallback):
+    """Self-compressing networks (Cséfalvay & Imber): every output channel of every conv/linear
+    layer gets a learnable bit depth ``b`` and exponent ``e`` (:mod:`pl_optim.compression`), and
+    training minimises ``L_0 + gamma * Q / N`` without touching ``training_step``.
+
+    The weights become ``q(w) = 2^e round(clamp(2^-e w, -2^(b-1), 2^(b-1) - 1))`` (straight-through
+    round); ``Q = sum_layers K * sum_i relu(b_i) * I_alive`` is the size in bits and ``N`` the
+    float weight count. Instead of adding ``gamma Q / N`` to the loss, ``d(gamma Q/N)/db`` is added
+    to ``bits.grad`` in ``on_before_optimizer_step``: once per optimizer step, on unscaled
+    gradients, so it is exact under gradient accumulation and AMP loss scaling (and before
+    gradient clipping, as a loss term would be).
+
+    Quantisers are attached in ``setup`` (before ``configure_optimizers``, so ``self.parameters()``
+    there includes ``bits``/``exponent``). At ``on_fit_start``: if no optimizer holds them they
+    become a new param group of optimizer ``optimizer_index`` (``lr`` or that optimizer's first
+    group's lr, ``weight_decay=0``); if the optimizer already holds them and ``lr`` is given they
+    are moved into such a group of their own. A scheduler created in ``configure_optimizers`` does
+    not drive a group added here (its lr stays constant).
+
+    Logs each training epoch ``self_compression/bits_pct`` (% of float bits kept),
+    ``weights_pct``, ``Q`` and ``mean_bits/<layer>``; at fit end prints the per-layer table
+    (``rank_zero_info``), keeps it in :attr:`report` (list of dicts) and, with matplotlib, saves a
+    PNG of size vs. epoch. A NaN/inf appearing in ``bits``/``exponent`` after a step is replaced by
+    its previous value, with a warning.
+
+    Args:
+        gamma: weight of the size loss, ``>= 0`` (larger: smaller, less accurate networks).
+        init_bits: initial bit depth of every channel, ``> 0``.
+        exclude: qualified names (in ``pl_module.named_modules()``) of layers to keep in float.
+        lr: learning rate of ``bits``/``exponent`` (None: see above).
+        optimizer_index: the optimizer that receives the new param group.
+        plot_path: where to save the PNG (default ``<default_root_dir>/self_compression_size.png``);
+            ``False`` disables it.
+
+    Raises:
+        ValueError: a bad argument (at construction); at setup, an ``exclude`` name matching no
+            conv/linear layer or a model without one.
+
+    Example::
+
+        trainer = Trainer(callbacks=[SelfCompression(gamma=0.05, lr=0.5)])
+        trainer.fit(DigitsConvNet(), datamodule=DigitsDataModule())
+        small = pl_optim.compression.export_compressed(model.net)
+    """
+
+    def __init__(
+        self,
+        gamma: float,
+        init_bits: float = 8.0,
+        exclude: Iterable[str] = (),
+        lr: float | None = None,
+        optimizer_index: int = 0,
+        plot_path: str | Path | bool | None = None,
+    ) -> None:
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not math.isfinite(gamma) or gamma < 0:
+            raise ValueError(f"`gamma` must be a finite number >= 0, got {gamma!r}")
+        self.init_bits = check_init_bits(init_bits)
+        if isinstance(exclude, str):
+            exclude = [exclude]
+        self.exclude = list(exclude)
+        if not all(isinstance(x, str) for x in self.exclude):
+            raise ValueError(f"`exclude` must be layer names (strings), got {self.exclude!r}")
+        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0):
+            raise ValueError(f"`lr` must be a positive finite number or None, got {lr!r}")
+        if isinstance(optimizer_index, bool) or not isinstance(optimizer_index, int) or optimizer_index < 0:
+            raise ValueError(f"`optimizer_index` must be an integer >= 0, got {optimizer_index!r}")
+        self.gamma = float(gamma)
+        self.lr = lr
+        self.optimizer_index = optimizer_index
+        self.plot_path = plot_path
+        self.history: list[dict[str, float]] = []
+        self.report: list[dict[str, Any]] = []
+        self._group: dict | None = None
+        self._saved: list[torch.Tensor] = []
+        self.plot: Path | None = None
+
+    # --- attach ----------------------------------------------------------------------------
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        refuse_sharded_strategy(trainer, "SelfCompression")
+        attach_quantizers(pl_module, exclude=self.exclude, init_bits=self.init_bits)
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        self._group = self._place_parameters(trainer, pl_module)
+
+    def _place_parameters(self, trainer: Trainer, pl_module: LightningModule) -> dict | None:
+        params = quantizer_parameters(pl_module)
+        ids = {id(p) for p in params}
+        holders = {i for i, opt in enumerate(trainer.optimizers) for g in opt.param_groups for p in g["params"] if id(p) in ids}
+        held = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]} & ids
+        if held and held != ids or len(holders) > 1:
+            raise RuntimeError(
+                "configure_optimizers put only some of the quantiser parameters (bits/exponent) into optimizers; "
+                "supported: all of them in one optimizer, or none (SelfCompression then adds them)"
+            )
+        if held and self.lr is None:
+            return None
+        index = holders.pop() if held else self.optimizer_index
+        if index >= len(trainer.optimizers):
+            raise ValueError(f"`optimizer_index` {index} is out of range: the trainer has {len(trainer.optimizers)} optimizer(s)")
+        opt = trainer.optimizers[index]
+        for group in opt.param_groups:
+            group["params"] = [p for p in group["params"] if id(p) not in ids]
+        lr = self.lr if self.lr is not None else opt.param_groups[0]["lr"]
+        opt.add_param_group({"params": params, "lr": lr, "weight_decay": 0.0})
+        return opt.param_groups[-1]
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._group is not None and self.lr is not None:
+            self._group["lr"] = self.lr  # the configured lr wins over a restored optimizer state
+
+    # --- every optimizer step ----------------------------------------------------------------
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer) -> None:
+        bits = {id(p) for p in quantizer_parameters(pl_module)}
+        if not any(id(p) in bits for g in optimizer.param_groups for p in g["params"]):
+            return
+        if not add_size_grad(pl_module, self.gamma):
+            rank_zero_warn("SelfCompression: non-finite bits or gradient; the size gradient was skipped this step")
+
+    def before_step(self, trainer: Trainer, index: int, optimizer: torch.optim.Optimizer) -> None:
+        self._saved = snapshot(trainer.lightning_module)
+
+    def after_step(self, trainer: Trainer, index: int, optimizer: torch.optim.Optimizer) -> None:
+        repaired = repair_nonfinite(trainer.lightning_module, self._saved)
+        if repaired:
+            rank_zero_warn(
+                f"SelfCompression: {repaired} bits/exponent value(s) became NaN/inf in optimizer step "
+                f"{trainer.global_step}; kept their previous values"
+            )
+
+    # --- logging and report ------------------------------------------------------------------
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        stats = compression_stats(pl_module)
+        stats.pop("N")
+        pl_module.log_dict({f"self_compression/{k}": float(v) for k, v in stats.items()}, on_epoch=True)
+        self.history.append(
+            {"epoch": float(trainer.current_epoch), **{k: float(stats[k]) for k in ("Q", "bits_pct", "weights_pct")}}
+        )
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        rows = layer_sizes(pl_module)
+        self.report = [r.as_dict() for r in rows]
+        rank_zero_info("SelfCompression report:\n" + format_report(rows))
+        if self.plot_path is not False and self.history and trainer.is_global_zero:
+            path = self.plot_path or Path(trainer.default_root_dir) / "self_compression_size.png"
+            epochs = [h["epoch"] for h in self.history]
+            series = {"% float bits": [h["bits_pct"] for h in self.history], "% weights": [h["weights_pct"] for h in self.history]}
+            self.plot = plot_series(path, epochs, series, "epoch", "% kept", "SelfCompression: size vs. epoch")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": [dict(h) for h in self.history]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = [dict(h) for h in state_dict.get("history", [])]
