@@ -1,0 +1,123 @@
+"""Dependency analysis (pl_optim.compression.graph): groups, consumers, zero checks, unsupported ops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from pl_optim.compression.graph import ChannelGraph, zero_rows
+from tests.core._channel_nets import GatedNet, kill, nets
+
+X = torch.randn(4, 1, 8, 8)
+
+
+def _group_of(graph: ChannelGraph, producer: str):
+    return next(g for g in graph.groups if producer in g.producers)
+
+
+def test_digits_chain_flatten_and_output():
+    graph = ChannelGraph(nets()["digits"], X)
+    g = _group_of(graph, "3.0")  # last conv: BN, max-pool, Flatten -> Linear(4 features per channel)
+    assert g.channelwise == ["3.1"] and not g.frozen
+    assert [(c.name, c.block) for c in g.consumers] == [("6", 4)]
+    assert _group_of(graph, "0.0").consumers[0].name == "1.0"
+    assert _group_of(graph, "6").frozen == ["network output"]
+
+
+def test_resnet9_residual_couples_producers():
+    graph = ChannelGraph(nets()["resnet9"], X)
+    g = _group_of(graph, "1.0.0")
+    assert g.producers == ["1.0.0", "1.2.block.1.0"]
+    assert sorted(c.name for c in g.consumers) == ["1.2.block.0.0", "2.0.0"]
+    # dead in only one producer of the residual sum -> kept; dead in both -> removable
+    dead = {p: torch.zeros(8, dtype=torch.bool) for gr in graph.groups for p in gr.producers}
+    kill(graph, [2])
+    dead["1.0.0"][2] = True
+    assert graph.groups.index(g) not in graph.removable(dead)
+    dead["1.2.block.1.0"][2] = True
+    assert graph.removable(dead)[graph.groups.index(g)].tolist() == [2]
+
+
+def test_concat_segments_and_depthwise_channelwise():
+    cat = ChannelGraph(nets()["concat"], X)
+    a, b = _group_of(cat, "a.0"), _group_of(cat, "b.0")
+    assert a.consumers[0].name == b.consumers[0].name == "c.0"
+    assert [cat.space_group[s] for s in a.consumers[0].segments] == [cat.groups.index(a), cat.groups.index(b)]
+    dw = ChannelGraph(nets()["depthwise"], X)
+    g = _group_of(dw, "pw1")
+    assert g.channelwise == ["bn1", "dw", "bn2"] and g.consumers[0].name == "pw2"
+    assert not any(gr.producers == ["dw"] for gr in dw.groups)
+
+
+@pytest.mark.parametrize(
+    "shift, bias, removable",
+    [(-1.0, 0.0, True), (0.0, 0.0, True), (0.5, 0.0, False), (-1.0, 0.3, False)],
+)
+def test_constant_contribution_must_be_zero(shift, bias, removable):
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 3, padding=1))
+    graph = ChannelGraph(net, X)
+    kill(graph, [1], shift=shift)
+    with torch.no_grad():
+        net[0].bias[1] = bias  # BN of a non-zero constant is not exactly its shift -> kept
+    assert (graph.removable(zero_rows(net, graph)).get(0, torch.tensor([])).tolist() == [1]) is removable
+
+
+def test_eval_mode_running_mean_counts():
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 3))
+    graph = ChannelGraph(net, X)
+    kill(graph, [1], shift=-0.1)
+    with torch.no_grad():
+        net[1].running_mean[1] = -1.0  # eval: (0 - (-1)) / sqrt(1 + eps) * 1 - 0.1 > 0
+    assert graph.removable(zero_rows(net, graph)) == {}
+    with torch.no_grad():
+        net[1].running_mean[1] = 0.05
+    assert graph.removable(zero_rows(net, graph))[0].tolist() == [1]
+
+
+def test_padding_bias_without_bn_kept():
+    """A dead conv with bias b feeds b into a zero-padded conv: not a constant there -> kept."""
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 2, 3, padding=1))
+    graph = ChannelGraph(net, X)
+    with torch.no_grad():
+        net[0].weight[1] = 0
+        net[0].bias[1] = 0.2
+    assert graph.removable(zero_rows(net, graph)) == {}
+    with torch.no_grad():
+        net[0].bias[1] = 0.0
+    assert graph.removable(zero_rows(net, graph))[0].tolist() == [1]
+
+
+def test_unsupported_ops_freeze_and_report():
+    net = GatedNet()
+    graph = ChannelGraph(net, X)
+    reasons = " | ".join(graph.unsupported)
+    assert "getitem" in reasons and "sigmoid" in reasons and "mul" in reasons
+    for name in ("c1", "c2", "c3"):
+        assert _group_of(graph, name).frozen
+    assert not _group_of(graph, "c4").frozen
+    with torch.no_grad():
+        for c in (net.c1, net.c2, net.c3, net.c4):
+            c.weight[0] = 0
+            c.bias[0] = 0
+    plan = graph.removable(zero_rows(net, graph))
+    assert [graph.groups[i].producers for i in plan] == [["c4"]]
+
+
+def test_keeps_one_channel_and_requires_every_producer():
+    net = nn.Sequential(nn.Linear(5, 3), nn.ReLU(), nn.Linear(3, 2))
+    graph = ChannelGraph(net, torch.randn(2, 5))
+    with torch.no_grad():
+        net[0].weight.zero_()
+        net[0].bias.zero_()
+    assert graph.removable(zero_rows(net, graph))[0].tolist() == [1, 2]
+    assert graph.removable({}) == {}
+
+
+def test_untraceable_model_is_a_clear_error():
+    class Branchy(nn.Module):
+        def forward(self, x):
+            return x if x.sum() > 0 else -x
+
+    with pytest.raises(ValueError, match="torch.fx-traceable"):
+        ChannelGraph(Branchy(), X)
