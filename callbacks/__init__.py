@@ -5,9 +5,15 @@ pure-torch functions of :mod:`pl_optim`.
 """
 
 from pl_optim.callbacks._base import StepHookCallback
+from pl_optim.callbacks.lr_range_test import LRRangeTest
+from pl_optim.callbacks.one_cycle import OneCycle
+from pl_optim.callbacks.param_scheduler import ParamScheduler
 from pl_optim.callbacks.self_compression import SelfCompression
 
 __all__ = [
+    "LRRangeTest",
+    "OneCycle",
+    "ParamScheduler",
     "SelfCompression",
     "StepHookCallback",
 ]

@@ -1,0 +1,262 @@
+"""ParamScheduler: drive any param-group field on the optimizer steps that actually ran."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import GradientAccumulationScheduler
+from lightning.pytorch.utilities import rank_zero_warn
+
+from pl_optim.callbacks._base import StepHookCallback, refuse_sharded_strategy
+from pl_optim.schedules import GroupWriter, Schedule
+
+RESUME = ("checkpoint", "trainer")
+#: torch schedulers that also write momentum/betas when ``cycle_momentum`` is on.
+_MOMENTUM_SCHEDULERS = (torch.optim.lr_scheduler.OneCycleLR, torch.optim.lr_scheduler.CyclicLR)
+
+
+def derive_total_steps(trainer: Trainer, n_optimizers: int = 1) -> int:
+    """Optimizer steps the run will make, per optimizer, from the Trainer's configuration.
+
+    ``trainer.estimated_stepping_batches`` covers ``max_steps``, ``max_epochs``,
+    ``limit_train_batches``, ``accumulate_grad_batches`` and devices (the batch count is per
+    rank). A :class:`~lightning.pytorch.callbacks.GradientAccumulationScheduler` varies the
+    accumulation per epoch: then ``sum_e ceil(batches / accumulation(e))``, capped by
+    ``max_steps``. Under manual optimization ``global_step`` counts the steps of *all*
+    optimizers; each optimizer is assumed to step once per batch.
+
+    Raises:
+        ValueError: the run is unbounded (``max_epochs=-1`` and ``max_steps=-1``, or an
+            iterable dataset without ``max_steps``).
+    """
+    manual = not trainer.lightning_module.automatic_optimization
+    gas = next((cb for cb in trainer.callbacks if isinstance(cb, GradientAccumulationScheduler)), None)
+    batches, max_steps = trainer.num_training_batches, trainer.max_steps
+    if manual and max_steps != -1:
+        max_steps = max_steps // n_optimizers
+    if trainer.max_epochs == -1 or batches == float("inf"):
+        total: float = float("inf") if max_steps == -1 else max_steps
+    elif gas is not None or manual:
+        epochs = max(trainer.max_epochs or 1, 1)
+        acc = (lambda e: 1) if manual else gas.get_accumulate_grad_batches
+        total = sum(math.ceil(batches / acc(e)) for e in range(epochs))
+        total = min(total, max_steps) if max_steps != -1 else total
+    else:
+        total = trainer.estimated_stepping_batches
+    if not math.isfinite(total) or total < 1:
+        raise ValueError(
+            f"cannot derive the schedule length from the Trainer (got {total}): set `max_steps` or "
+            "`max_epochs` with a sized train dataloader, or pass `total_steps=`"
+        )
+    return int(total)
+
+
+class ParamScheduler(StepHookCallback):
+    r"""Set param-group hyper-parameters from schedules of the optimizer steps that actually ran.
+
+    For optimizer :math:`o`, param group :math:`g` and field :math:`k`, before optimizer step
+    :math:`n` (the number of steps of :math:`o` that already ran, held at :math:`T-1` past the
+    end): :math:`\text{group}_g[k] = m_{k,g}\, s_{k,g}(\min(n, T-1), T)`.
+    Values are written in ``on_train_start`` (after a checkpoint restored the optimizer, so
+    resumed runs continue exactly) and after each step that ran, for the next one (torch step
+    post-hooks: gradient-accumulation micro-batches and GradScaler-skipped fp16 steps never
+    advance the counter). Hooks are registered in ``on_train_start``, after the ``on_fit_start``
+    hooks of other callbacks, so a callback that zeroes ``weight_decay`` around the step and puts
+    it back afterwards (decoupled decay) sees this scheduler's value at the next step.
+
+    The total :math:`T` is ``total_steps`` or :func:`derive_total_steps`. It is saved in the
+    checkpoint with the counters. Resuming with a different ``max_epochs``/``max_steps``:
+    ``on_resume="checkpoint"`` (default, like torch's ``OneCycleLR`` whose ``total_steps`` is in
+    its state) keeps the saved :math:`T` — the run follows the schedule it started with and holds
+    the final values in any extra steps; ``on_resume="trainer"`` recomputes :math:`T` from the
+    new configuration and continues from the saved counter (the values jump to the new curve).
+    Either way a differing total is reported with a warning.
+
+    Args:
+        schedules: field -> schedule, or a list of one schedule per param group. Fields:
+            ``"lr"``, ``"momentum"`` (``betas[0]`` on Adam-likes), ``"betas[0]"``/``"beta1"``,
+            ``"betas[1]"``/``"beta2"``, ``"weight_decay"`` or any custom param-group key.
+        multipliers: field -> one factor per param group (discriminative learning rates).
+        total_steps: schedule length in optimizer steps (one int, or one per optimizer);
+            default: derived from the Trainer.
+        optimizers: indices of the optimizers to drive (default: all); each has its own counter.
+        on_resume: ``"checkpoint"`` or ``"trainer"`` (see above).
+
+    Raises:
+        ValueError: a bad argument; at fit start, a field the optimizer lacks, a per-group list
+            of the wrong length, a torch LR scheduler on the same optimizer, or two schedulers
+            driving the same field.
+
+    Example::
+
+        from pl_optim.schedules import Cosine, Warmup, Constant
+        sched = ParamScheduler(
+            {"lr": Warmup(Cosine(3e-3, 1e-5), 0.05), "weight_decay": Cosine(0.1, 0.01)},
+            multipliers={"lr": [0.1, 1.0]},  # backbone group, head group
+        )
+        Trainer(callbacks=[sched, LearningRateMonitor(log_momentum=True, log_weight_decay=True)])
+    """
+
+    def __init__(
+        self,
+        schedules: Mapping[str, Schedule | Sequence[Schedule]],
+        multipliers: Mapping[str, Sequence[float]] | None = None,
+        total_steps: int | Sequence[int] | None = None,
+        optimizers: int | Sequence[int] | None = None,
+        on_resume: str = "checkpoint",
+    ) -> None:
+        if not isinstance(schedules, Mapping) or not schedules:
+            raise ValueError(f"`schedules` must be a non-empty dict field -> schedule, got {schedules!r}")
+        for field, s in schedules.items():
+            items = s if isinstance(s, (list, tuple)) else [s]
+            if not isinstance(field, str) or not items or not all(callable(x) for x in items):
+                raise ValueError(f"`schedules[{field!r}]` must be a schedule or a list of schedules, got {s!r}")
+        if multipliers is not None and not isinstance(multipliers, Mapping):
+            raise ValueError(f"`multipliers` must be a dict field -> per-group factors, got {multipliers!r}")
+        self.schedules, self.multipliers = dict(schedules), dict(multipliers or {})
+        self._init_common(total_steps, optimizers, on_resume)
+
+    def _init_common(self, total_steps: Any, optimizers: Any, on_resume: str) -> None:
+        totals = [total_steps] if isinstance(total_steps, int) else total_steps
+        if totals is not None and (
+            not isinstance(totals, (list, tuple)) or not totals
+            or any(isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in totals)
+        ):
+            raise ValueError(f"`total_steps` must be a positive int or a list of them, got {total_steps!r}")
+        indices = [optimizers] if isinstance(optimizers, int) else optimizers
+        if indices is not None and (
+            not isinstance(indices, (list, tuple)) or not indices
+            or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in indices)
+        ):
+            raise ValueError(f"`optimizers` must be an optimizer index or a list of them, got {optimizers!r}")
+        if on_resume not in RESUME:
+            raise ValueError(f"`on_resume` must be one of {RESUME}, got {on_resume!r}")
+        self.total_steps, self.optimizer_indices, self.on_resume = totals, indices, on_resume
+        self.steps: list[int] = []
+        self.totals: list[int] = []
+        self._loaded: dict[str, Any] | None = None
+        self._writers: dict[int, GroupWriter] = {}
+        self._slots: dict[int, int] = {}
+        self._warned: set[int] = set()
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(fields=sorted(self.schedules), optimizers=self.optimizer_indices)
+
+    # -- what to write (OneCycle overrides this) ----------------------------------------------
+    def schedules_for(self, trainer: Trainer, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+        """``(schedules, multipliers)`` for one optimizer (subclasses build them from its groups)."""
+        return self.schedules, self.multipliers
+
+    # -- Lightning hooks ------------------------------------------------------------------------
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Hooks are registered in on_train_start (see the class docstring), not here.
+        refuse_sharded_strategy(trainer, type(self).__name__)
+        selected = self._selected(trainer)
+        for config in trainer.lr_scheduler_configs:
+            sched = config.scheduler
+            if sched.optimizer in selected and self._conflicts(sched):
+                raise ValueError(
+                    f"{type(self).__name__} drives {sorted(self.schedules)} of the optimizer that "
+                    f"configure_optimizers also gives the torch scheduler {type(sched).__name__}; both would "
+                    "write the same param-group values. Return only the optimizer, or schedule other fields."
+                )
+
+    def _conflicts(self, sched: object) -> bool:
+        fields = set(self.schedules)
+        momentum = bool(fields & {"momentum", "beta1", "betas[0]"}) and isinstance(sched, _MOMENTUM_SCHEDULERS)
+        return "lr" in fields or momentum
+
+    def _selected(self, trainer: Trainer) -> list[torch.optim.Optimizer]:
+        opts = trainer.optimizers
+        indices = self.optimizer_indices if self.optimizer_indices is not None else range(len(opts))
+        bad = [i for i in indices if i >= len(opts)]
+        if bad:
+            raise ValueError(f"`optimizers` has indices {bad} but the model configures {len(opts)} optimizer(s)")
+        return [opts[i] for i in indices]
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        opts = trainer.optimizers
+        indices = list(self.optimizer_indices if self.optimizer_indices is not None else range(len(opts)))
+        self._selected(trainer)
+        self._slots = {i: slot for slot, i in enumerate(indices)}
+        self._writers = {}
+        for i in indices:
+            schedules, multipliers = self.schedules_for(trainer, opts[i])
+            try:
+                self._writers[i] = GroupWriter(opts[i], schedules, multipliers)
+            except ValueError as err:
+                raise ValueError(f"{type(self).__name__}, optimizer {i}: {err}") from err
+        self._check_overlap(trainer)
+        self.steps, self.totals = self._resume_state(trainer, len(indices))
+        self._warned = set()
+        for i, writer in self._writers.items():
+            slot = self._slots[i]
+            writer.apply(self._position(slot), self.totals[slot])
+        StepHookCallback.on_fit_start(self, trainer, pl_module)  # register the step hooks now
+
+    def _check_overlap(self, trainer: Trainer) -> None:
+        mine = {(i, k) for i, w in self._writers.items() for k in w.keys.values()}
+        for cb in trainer.callbacks:
+            if cb is not self and isinstance(cb, ParamScheduler) and cb._writers:
+                theirs = {(i, k) for i, w in cb._writers.items() for k in w.keys.values()}
+                if mine & theirs:
+                    raise ValueError(
+                        f"{type(self).__name__} and {type(cb).__name__} both schedule (optimizer, field) "
+                        f"{sorted(mine & theirs)}; give each field to one scheduler"
+                    )
+
+    def _resume_state(self, trainer: Trainer, n: int) -> tuple[list[int], list[int]]:
+        if self.total_steps is not None:
+            derived = list(self.total_steps) * (n if len(self.total_steps) == 1 else 1)
+            if len(derived) != n:
+                raise ValueError(f"`total_steps` has {len(self.total_steps)} values for {n} scheduled optimizers")
+        else:
+            derived = [derive_total_steps(trainer, len(trainer.optimizers))] * n
+        if self._loaded is None:
+            return [0] * n, derived
+        steps, totals = list(self._loaded["steps"]), list(self._loaded["totals"])
+        self._loaded = None
+        if len(steps) != n:
+            raise ValueError(f"the checkpoint of {type(self).__name__} has {len(steps)} optimizers, the run has {n}")
+        if totals != derived:
+            keep = self.on_resume == "checkpoint"
+            rank_zero_warn(
+                f"{type(self).__name__}: the checkpoint's schedule length {totals} differs from this run's "
+                f"{derived} (max_epochs/max_steps changed?); on_resume={self.on_resume!r}: "
+                + ("keeping the checkpoint's length, final values are held past its end"
+                   if keep else "using this run's length from the saved step counter")
+            )
+            totals = totals if keep else derived
+        return steps, totals
+
+    def _position(self, slot: int) -> int:
+        return min(self.steps[slot], self.totals[slot] - 1)
+
+    def after_step(self, trainer: Trainer, index: int, optimizer: torch.optim.Optimizer) -> None:
+        slot = self._slots.get(index)
+        if slot is None:
+            return
+        step = self.steps[slot] = self.steps[slot] + 1
+        total = self.totals[slot]
+        if step > total and slot not in self._warned:  # a step ran past the end
+            self._warned.add(slot)
+            rank_zero_warn(
+                f"{type(self).__name__}: optimizer {index} made {step} steps, past the end of its schedule "
+                f"({total} steps); holding the final values"
+            )
+        self._writers[index].apply(step if step < total else total - 1, total)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
+        self._writers = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": list(self.steps), "totals": list(self.totals)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loaded = {"steps": [int(s) for s in state_dict["steps"]], "totals": [int(t) for t in state_dict["totals"]]}
