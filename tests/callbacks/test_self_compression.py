@@ -1,0 +1,203 @@
+"""SelfCompression through a real Trainer: size gradient == loss term (accumulation, AMP), param
+groups, NaN repair, logging/report, bad input."""
+
+from __future__ import annotations
+
+import logging
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch import Callback
+from torch import nn
+
+from examples.tiny import RandomClassificationData, TinyConvNet
+from pl_optim.callbacks import SelfCompression
+from pl_optim.compression import quantized_layers, quantizer_parameters, size_loss
+from tests.helpers import InjectInfGrad, fp16_cpu_plugin
+
+GAMMA = 50.0
+
+
+class LossTermConvNet(TinyConvNet):
+    """Adds ``gamma * Q / N`` to the loss itself (the reference for the callback's gradient)."""
+
+    def __init__(self, size_gamma: float = 0.0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.size_gamma = size_gamma
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss + size_loss(self, self.size_gamma) if self.size_gamma else loss
+
+
+class BitsOnlyOptimizer(TinyConvNet):
+    """configure_optimizers leaves the quantiser parameters out."""
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([p for n, p in self.named_parameters() if "original" in n or "bn" in n], lr=0.05)
+
+
+def _data():
+    return RandomClassificationData(n=64, shape=(1, 8, 8), batch_size=8)
+
+
+def _fit(trainer_kwargs, model, callback, **kw):
+    trainer = pl.Trainer(max_epochs=1, callbacks=[callback, *kw.pop("callbacks", [])], **{**trainer_kwargs, **kw})
+    trainer.fit(model, datamodule=_data())
+    return trainer
+
+
+@pytest.mark.parametrize("accumulate,amp", [(1, False), (3, False), (2, True)], ids=["plain", "accumulate3", "fp16+accumulate2"])
+def test_size_gradient_equals_adding_the_loss_term(trainer_kwargs, accumulate, amp):
+    extra = dict(accumulate_grad_batches=accumulate, limit_train_batches=6)
+    if amp:
+        extra["plugins"] = [fp16_cpu_plugin()]
+    finals = []
+    for cb_gamma, loss_gamma in [(GAMMA, 0.0), (0.0, GAMMA), (0.0, 0.0)]:
+        pl.seed_everything(0)
+        model = LossTermConvNet(size_gamma=loss_gamma, optimizer="sgd", lr=0.1, momentum=0.9)
+        _fit(trainer_kwargs, model, SelfCompression(cb_gamma, init_bits=4), **dict(extra))
+        finals.append([p.detach().clone() for p in model.parameters()])
+    callback, reference, no_size = finals
+    for a, b in zip(callback, reference):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert any(not torch.allclose(a, c, atol=1e-4) for a, c in zip(callback, no_size))  # gamma had an effect
+
+
+def test_quantiser_params_in_user_optimizer_by_default(trainer_kwargs):
+    model = TinyConvNet(optimizer="sgd", lr=0.1)
+    trainer = _fit(trainer_kwargs, model, SelfCompression(1.0), limit_train_batches=2)
+    groups = trainer.optimizers[0].param_groups
+    assert len(groups) == 1
+    ids = {id(p) for p in groups[0]["params"]}
+    assert all(id(p) in ids for p in quantizer_parameters(model))
+    # the layer's Parameter object is the one in the optimizer
+    assert id(model.net[0][0].parametrizations.weight.original) in ids
+
+
+def test_own_group_with_lr_moves_them_out(trainer_kwargs):
+    model = TinyConvNet(optimizer="adamw", lr=1e-3, weight_decay=0.1)
+    trainer = _fit(trainer_kwargs, model, SelfCompression(1.0, lr=0.25), limit_train_batches=2)
+    groups = trainer.optimizers[0].param_groups
+    assert len(groups) == 2 and groups[1]["lr"] == 0.25 and groups[1]["weight_decay"] == 0.0
+    quant = {id(p) for p in quantizer_parameters(model)}
+    assert {id(p) for p in groups[1]["params"]} == quant and not quant & {id(p) for p in groups[0]["params"]}
+
+
+def test_group_added_when_configure_optimizers_left_them_out(trainer_kwargs):
+    model = BitsOnlyOptimizer()
+    bits_before = [p.detach().clone() for p in quantizer_parameters(model)] if quantized_layers(model) else None
+    assert bits_before is None
+    cb = SelfCompression(20.0, init_bits=3)
+    trainer = _fit(trainer_kwargs, model, cb, limit_train_batches=4)
+    groups = trainer.optimizers[0].param_groups
+    assert len(groups) == 2 and groups[1]["lr"] == 0.05
+    bits = quantized_layers(model)["net.0.0"][1].bits
+    assert (bits < 3.0).all()  # trained by the size gradient
+
+
+def test_amp_skipped_steps_leave_bits_untouched(trainer_kwargs):
+    class Record(Callback):
+        def __init__(self):
+            self.bits = []
+
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            self.bits.append(torch.cat([p.detach().clone() for p in quantizer_parameters(pl_module)]))
+
+    rec = Record()
+    model = TinyConvNet(optimizer="sgd", lr=0.1)
+    _fit(trainer_kwargs, model, SelfCompression(GAMMA), limit_train_batches=5, plugins=[fp16_cpu_plugin()],
+         callbacks=[InjectInfGrad({2}), rec])
+    assert torch.equal(rec.bits[1], rec.bits[2])  # step 2 skipped: no size gradient applied
+    assert not torch.equal(rec.bits[2], rec.bits[3])
+    assert all(torch.isfinite(b).all() for b in rec.bits)
+
+
+def test_nonfinite_bits_are_repaired_with_a_warning(trainer_kwargs):
+    class PoisonBits(Callback):
+        def __init__(self):
+            self.calls = 0
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            self.calls += 1
+            if self.calls == 2:
+                q = quantized_layers(pl_module)["net.1.0"][1]
+                self.before = q.bits.detach().clone()
+                q.bits.grad[0] = float("nan")
+                q.exponent.grad[1] = float("inf")
+
+    poison = PoisonBits()
+    model = TinyConvNet(optimizer="sgd", lr=0.1)
+    with pytest.warns(UserWarning, match=r"2 bits/exponent value\(s\) became NaN/inf in optimizer step"):
+        _fit(trainer_kwargs, model, SelfCompression(1.0), limit_train_batches=2, callbacks=[poison])
+    q = quantized_layers(model)["net.1.0"][1]
+    assert torch.isfinite(q.bits).all() and torch.isfinite(q.exponent).all()
+    assert q.bits[0] == poison.before[0]
+
+
+def test_logging_report_and_plot(trainer_kwargs, tmp_path, caplog):
+    cb = SelfCompression(GAMMA, plot_path=tmp_path / "size.png")
+    model = TinyConvNet()
+    with caplog.at_level(logging.INFO):
+        trainer = pl.Trainer(max_epochs=2, limit_train_batches=3, callbacks=[cb], **trainer_kwargs)
+        trainer.fit(model, datamodule=_data())
+    keys = {"self_compression/bits_pct", "self_compression/weights_pct", "self_compression/Q",
+            "self_compression/mean_bits/net.0.0", "self_compression/mean_bits/net.4"}
+    assert keys <= set(trainer.callback_metrics)
+    assert [h["epoch"] for h in cb.history] == [0.0, 1.0]
+    assert cb.history[1]["bits_pct"] < cb.history[0]["bits_pct"] < 25.0  # 8 bits = 25 %, shrinking
+    assert [r["name"] for r in cb.report] == ["net.0.0", "net.1.0", "net.4"]
+    assert cb.report[0]["out_total"] == 8 and cb.report[0]["in_total"] == 1
+    assert "SelfCompression report" in caplog.text and "net.1.0" in caplog.text
+    assert (tmp_path / "size.png").stat().st_size > 1000 and cb.plot == tmp_path / "size.png"
+    restored = SelfCompression(1.0)
+    restored.load_state_dict(cb.state_dict())
+    assert restored.history == cb.history
+
+
+def test_resume_from_checkpoint_restores_quantisers(trainer_kwargs, tmp_path):
+    model = TinyConvNet()
+    trainer = _fit(trainer_kwargs, model, SelfCompression(GAMMA), limit_train_batches=3)
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    fresh = TinyConvNet()
+    trainer2 = pl.Trainer(max_epochs=2, limit_train_batches=3, callbacks=[SelfCompression(GAMMA)], **trainer_kwargs)
+    trainer2.fit(fresh, datamodule=_data(), ckpt_path=tmp_path / "last.ckpt")
+    assert trainer2.global_step == 6
+    assert len(trainer2.optimizers[0].param_groups) == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(gamma=-1.0), r"`gamma` must be a finite number >= 0, got -1.0"),
+        (dict(gamma=float("nan")), r"`gamma` must be a finite number >= 0, got nan"),
+        (dict(gamma=float("inf")), r"`gamma` must be a finite number >= 0, got inf"),
+        (dict(gamma=True), r"`gamma` must be a finite number >= 0, got True"),
+        (dict(gamma=1.0, init_bits=0), r"`init_bits` must be a positive finite number, got 0"),
+        (dict(gamma=1.0, init_bits=-2.5), r"`init_bits` must be a positive finite number, got -2.5"),
+        (dict(gamma=1.0, lr=0.0), r"`lr` must be a positive finite number or None, got 0.0"),
+        (dict(gamma=1.0, optimizer_index=-1), r"`optimizer_index` must be an integer >= 0, got -1"),
+        (dict(gamma=1.0, exclude=[3]), r"`exclude` must be layer names \(strings\), got \[3\]"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SelfCompression(**kwargs)
+
+
+def test_bad_exclude_and_model_at_setup(trainer_kwargs):
+    with pytest.raises(ValueError, match=r"`exclude` name 'net.9' matches no"):
+        _fit(trainer_kwargs, TinyConvNet(), SelfCompression(1.0, exclude=["net.9"]), limit_train_batches=1)
+
+    class NoLayers(TinyConvNet):
+        def build_net(self):
+            return nn.Sequential(nn.Flatten(), nn.BatchNorm1d(64), nn.AdaptiveAvgPool1d(3))
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    with pytest.raises(ValueError, match=r"has no Conv1d/Conv2d/Conv3d/Linear layer"):
+        _fit(trainer_kwargs, NoLayers(), SelfCompression(1.0), limit_train_batches=1)
+    with pytest.raises(ValueError, match=r"`optimizer_index` 3 is out of range: the trainer has 1 optimizer"):
+        _fit(trainer_kwargs, BitsOnlyOptimizer(), SelfCompression(1.0, optimizer_index=3), limit_train_batches=1)
