@@ -5,12 +5,16 @@ pure-torch functions of :mod:`pl_optim`.
 """
 
 from pl_optim.callbacks._base import StepHookCallback
+from pl_optim.callbacks.amsgrad_toggle import AMSGradToggle
+from pl_optim.callbacks.decoupled_weight_decay import DecoupledWeightDecay
 from pl_optim.callbacks.lr_range_test import LRRangeTest
 from pl_optim.callbacks.one_cycle import OneCycle
 from pl_optim.callbacks.param_scheduler import ParamScheduler
 from pl_optim.callbacks.self_compression import SelfCompression
 
 __all__ = [
+    "AMSGradToggle",
+    "DecoupledWeightDecay",
     "LRRangeTest",
     "OneCycle",
     "ParamScheduler",

@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Literal
 
 import torch
+from torch.utils.hooks import RemovableHandle
 
 from pl_optim.steps import StepHooks, check_optimizers
 
@@ -181,9 +182,10 @@ class DecoupledDecay:
     that write it (``ParamScheduler`` with a ``weight_decay`` field) are obeyed. Around each
     ``optimizer.step()`` that runs:
 
-    * pre-hook: read ``λ`` from the group, apply the decay to the group's non-excluded
-      parameters that have a gradient, then set ``group["weight_decay"] = 0`` so the optimizer
-      does not add coupled L2 on top;
+    * pre-hook, once the gradients exist (right away, or after the closure of
+      ``step(closure)``, see :meth:`torch_pre_hook`): read ``λ`` from the group, apply the decay
+      to the group's non-excluded parameters that have a gradient, then set
+      ``group["weight_decay"] = 0`` so the optimizer does not add coupled L2 on top;
     * post-hook: put ``λ`` back, unless someone wrote the field during the step.
 
     Args:
@@ -199,7 +201,8 @@ class DecoupledDecay:
         exclude: what not to decay, see :func:`compile_exclude`.
         exclude_1d: exclude parameters with ``ndim <= 1`` (biases, normalisation), default on.
         foreach: use the ``torch._foreach_*`` fast path.
-        warn: called with a message when an ``exclude`` pattern matches no parameter.
+        warn: called with a message when an ``exclude`` pattern matches no parameter of this
+            optimizer (``None``: don't check).
 
     Raises:
         ValueError: bad argument; or a group already has ``weight_decay > 0`` while a number
@@ -222,7 +225,7 @@ class DecoupledDecay:
         exclude: Exclude = None,
         exclude_1d: bool = True,
         foreach: bool = True,
-        warn: Callable[[str], None] = warnings.warn,
+        warn: Callable[[str], None] | None = warnings.warn,
     ) -> None:
         (self.optimizer,) = check_optimizers([optimizer])
         self.from_optimizer = weight_decay == "optimizer"
@@ -234,12 +237,15 @@ class DecoupledDecay:
         self._names = {id(p): n for n, p in named_parameters}
         self._decays: dict[int, bool] = {}
         opt_params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        for pattern in unmatched_patterns(patterns, [self._names.get(id(p), "") for p in opt_params]):
+        unmatched = unmatched_patterns(patterns, [self._names.get(id(p), "") for p in opt_params])
+        for pattern in unmatched if warn is not None else ():
             warn(f"`exclude` pattern {pattern!r} matches no parameter of {type(self.optimizer).__name__}")
         #: per group: λ, the reference LR, and the coefficient applied at the last step.
         self.lambdas: list[float] = []
         self.lr_refs: list[float | None] = []
         self.last_coefficients: list[float] = []
+        #: number of steps decayed so far (by :meth:`pre_step`)
+        self.steps = 0
         self._adopt_new_groups()
 
     # -- groups ---------------------------------------------------------------------------
@@ -299,6 +305,7 @@ class DecoupledDecay:
             )
             self.last_coefficients[index] = coefficient
             group["weight_decay"] = _STEP_ZERO
+        self.steps += 1
 
     def post_step(self, *_: object) -> None:
         """Put ``λ`` back into every group whose ``weight_decay`` is still our step-time zero."""
@@ -306,10 +313,39 @@ class DecoupledDecay:
             if group["weight_decay"] is _STEP_ZERO:
                 group["weight_decay"] = lam
 
-    def attach(self) -> StepHooks:
-        """Register :meth:`pre_step`/:meth:`post_step` as the optimizer's step hooks; call
+    def torch_pre_hook(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> tuple | None:
+        """``Optimizer.register_step_pre_hook`` hook running :meth:`pre_step` after the gradients.
+
+        Without a closure the gradients exist already (plain loops, GradScaler, Lightning's
+        mixed precision): decay now. With ``optimizer.step(closure)`` (Lightning's automatic
+        optimization) the forward/backward run *inside* ``step``, after the pre-hooks, so the
+        closure is wrapped to decay once, right after its first call and before the update
+        (the order of torch AdamW: decay the weights the gradient was taken at).
+        """
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if closure is None:
+            self.pre_step()
+            return None
+        done = False
+
+        def closure_then_decay():
+            nonlocal done
+            loss = closure()
+            if not done:  # LBFGS calls the closure several times: decay once
+                done = True
+                self.pre_step()
+            return loss
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": closure_then_decay}
+        return (args[0], closure_then_decay, *args[2:]), kwargs
+
+    def attach(self) -> _Handles:
+        """Register :meth:`torch_pre_hook` and :meth:`post_step` as the optimizer's step hooks
+        (they fire only on ``step()`` calls that happen, see :mod:`pl_optim.steps`); call
         ``.remove()`` on the result to detach."""
-        return StepHooks([self.optimizer], pre=self.pre_step, post=self.post_step)
+        pre = self.optimizer.register_step_pre_hook(self.torch_pre_hook)
+        return _Handles([pre], StepHooks([self.optimizer], post=self.post_step))
 
     # -- checkpointing --------------------------------------------------------------------
     def state_dict(self) -> dict[str, list]:
@@ -332,3 +368,16 @@ def check_lr_ref(lr_ref: object) -> float | list[float] | None:
         raise ValueError(f"`lr_ref` must be None, a finite number > 0 or a sequence of them, got {lr_ref!r}")
     floats = [float(v) for v in values]
     return floats if isinstance(lr_ref, Sequence) else floats[0]
+
+
+class _Handles:
+    """What :meth:`DecoupledDecay.attach` returns: ``.remove()`` detaches (idempotent)."""
+
+    def __init__(self, handles: list[RemovableHandle], hooks: StepHooks) -> None:
+        self._handles, self._hooks = handles, hooks
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._hooks.remove()

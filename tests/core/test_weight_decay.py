@@ -323,3 +323,37 @@ def test_new_param_group_is_adopted_and_checked():
     opt.add_param_group({"params": [nn.Parameter(torch.ones(2, 2))], "weight_decay": 0.3})
     with pytest.raises(ValueError, match="param group 2 has its own weight_decay=0.3"):
         opt.step()
+
+
+def test_step_with_closure_decays_after_the_gradient_once():
+    """optimizer.step(closure) (Lightning's automatic optimization) runs backward inside step:
+    the decay must follow the closure, as in AdamW, and happen once even if it is re-called."""
+    a, ref, b, opt, decay = _adamw_pair(3e-3, 0.3, True)
+
+    def train_with_closure(model, optimizer, batches, positional):
+        for x, y in batches:
+            def closure(x=x, y=y):
+                optimizer.zero_grad()
+                loss = nn.functional.cross_entropy(model(x), y)
+                loss.backward()
+                return loss
+            optimizer.step(closure) if positional else optimizer.step(closure=closure)
+
+    batches = _batches(60)
+    train_with_closure(a, ref, batches[:30], True)
+    train_with_closure(b, opt, batches[:30], True)
+    train_with_closure(a, ref, batches[30:], False)
+    train_with_closure(b, opt, batches[30:], False)
+    assert _max_diff(a, b) <= 1e-6 and decay.steps == 60
+    p = nn.Parameter(torch.full((2, 2), 2.0))
+    lbfgs = torch.optim.LBFGS([p], lr=0.0, max_iter=5)
+    DecoupledDecay(lbfgs, 0.1, mode="constant").attach()
+
+    def lbfgs_closure():
+        lbfgs.zero_grad()
+        loss = (p * torch.arange(4.0).view(2, 2)).sum()
+        loss.backward()
+        return loss
+
+    lbfgs.step(lbfgs_closure)
+    torch.testing.assert_close(p.detach(), torch.full((2, 2), 1.8))

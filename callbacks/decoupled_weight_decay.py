@@ -1,0 +1,166 @@
+"""Lightning front end of :class:`pl_optim.weight_decay.DecoupledDecay`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
+
+from pl_optim.callbacks._base import refuse_sharded_strategy
+from pl_optim.weight_decay import (
+    DecoupledDecay,
+    Exclude,
+    check_lr_ref,
+    check_mode,
+    check_weight_decay,
+    compile_exclude,
+    unmatched_patterns,
+)
+
+
+def group_metric_names(prefix: str, optimizers: Sequence[torch.optim.Optimizer]) -> list[list[str]]:
+    """Metric names per optimizer and group, in ``LearningRateMonitor``'s style:
+    ``"{prefix}-Adam"``, ``"{prefix}-Adam/pg1"`` (several groups), ``"{prefix}-Adam-1"`` (several
+    optimizers of one class)."""
+    classes = [type(o).__name__ for o in optimizers]
+    names = []
+    for i, (opt, cls) in enumerate(zip(optimizers, classes)):
+        base = f"{prefix}-{cls}" + (f"-{classes[:i].count(cls)}" if classes.count(cls) > 1 else "")
+        n = len(opt.param_groups)
+        names.append([base] if n == 1 else [f"{base}/pg{j + 1}" for j in range(n)])
+    return names
+
+
+class DecoupledWeightDecay(Callback):
+    r"""Decoupled weight decay for any torch optimizer (Loshchilov & Hutter).
+
+    Right before every optimizer step that actually runs (never on gradient-accumulation
+    micro-batches nor on GradScaler-skipped fp16 steps), in the order of ``torch.optim.AdamW``:
+
+    * ``mode="lr"``:       :math:`w \leftarrow w\,(1 - \eta\lambda)`  (torch AdamW, fastai)
+    * ``mode="lr_ratio"``: :math:`w \leftarrow w\,(1 - \tfrac{\eta}{\eta_{ref}}\lambda)` (Composer)
+    * ``mode="constant"``: :math:`w \leftarrow w\,(1 - \lambda)`
+    * ``mode="l2"``:       :math:`g \leftarrow g + \lambda w` (coupled L2, for comparisons)
+
+    ``λ`` lives in ``group["weight_decay"]`` between steps (so ``LearningRateMonitor(
+    log_weight_decay=True)`` shows it and ``ParamScheduler`` can schedule it) and is 0 while
+    ``optimizer.step()`` runs, so the optimizer adds no coupled L2 on top. Checkpoints store ``λ``
+    in this callback's state and ``weight_decay=0`` in the optimizer's, so a checkpoint loaded
+    without the callback never turns into coupled L2. The effective decay per group
+    (``lr·λ``, ``lr/lr_ref·λ`` or ``λ``) is logged each step as ``"wd_effective-<Optimizer>"``
+    (``/pgN`` per group with several groups).
+
+    Args:
+        weight_decay: ``λ`` >= 0 for every param group, or ``"optimizer"`` to take each group's
+            own ``weight_decay`` over as its decoupled ``λ`` (and zero it in the optimizer).
+        mode: ``"lr"``, ``"lr_ratio"``, ``"constant"`` or ``"l2"``.
+        exclude: regular expression(s) matched (``re.search``) against parameter names, or a
+            predicate ``(name, param) -> bool``; matching parameters are not decayed. A pattern
+            that matches nothing warns.
+        exclude_1d: also exclude every parameter with ``ndim <= 1`` (biases, normalisation
+            scales and shifts); default ``True``.
+        lr_ref: reference LR of ``"lr_ratio"``: a number, one per param group, or ``None`` for each
+            group's ``lr`` at fit start (pass e.g. ``max_lr`` when a warmup has lowered ``lr`` by then).
+        foreach: use the ``torch._foreach_*`` fast path (``False``: plain loop).
+        log: log the effective decay per group each step through ``pl_module.log``.
+
+    Raises:
+        ValueError: a bad argument (at construction); at fit start, a param group whose own
+            ``weight_decay > 0`` while ``weight_decay`` is a number (double decay).
+        RuntimeError: a sharded strategy (FSDP, DeepSpeed).
+
+    Example::
+
+        model = MyModule()                      # configure_optimizers: Adam(..., weight_decay=0)
+        trainer = Trainer(callbacks=[DecoupledWeightDecay(0.3, mode="lr")])
+    """
+
+    def __init__(
+        self,
+        weight_decay: float | Literal["optimizer"],
+        mode: str = "lr",
+        exclude: Exclude = None,
+        exclude_1d: bool = True,
+        lr_ref: float | Sequence[float] | None = None,
+        foreach: bool = True,
+        log: bool = True,
+    ) -> None:
+        if weight_decay != "optimizer":
+            check_weight_decay(weight_decay)
+        self.weight_decay = weight_decay
+        self.mode = check_mode(mode)
+        compile_exclude(exclude, exclude_1d)  # validates
+        self.exclude, self.exclude_1d = exclude, bool(exclude_1d)
+        self.lr_ref = check_lr_ref(lr_ref)
+        self.foreach, self.log = bool(foreach), bool(log)
+        self.decays: list[DecoupledDecay] = []
+        self._loaded: list[dict] | None = None
+        self._hooks: list = []
+        self._logged_steps: list[int] = []
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        refuse_sharded_strategy(trainer, "DecoupledWeightDecay")
+        names = list(pl_module.named_parameters())
+        self.decays = [
+            DecoupledDecay(
+                opt, self.weight_decay, self.mode, self.lr_ref, names, self.exclude, self.exclude_1d,
+                self.foreach, warn=None,
+            )
+            for opt in trainer.optimizers
+        ]
+        _, patterns = compile_exclude(self.exclude, self.exclude_1d)
+        by_id = {id(p): n for n, p in names}
+        opt_names = [by_id.get(id(p), "") for o in trainer.optimizers for g in o.param_groups for p in g["params"]]
+        for pattern in unmatched_patterns(patterns, opt_names):
+            rank_zero_warn(f"DecoupledWeightDecay: `exclude` pattern {pattern!r} matches no optimized parameter")
+        if self._loaded is not None:
+            for decay, state in zip(self.decays, self._loaded):
+                decay.load_state_dict(state)
+        self._remove_hooks()
+        # DecoupledDecay's own pre-hook (not StepHookCallback.before_step): under Lightning's
+        # automatic optimization the gradients are computed by the closure *inside* step(), so
+        # the decay has to run after that closure (see DecoupledDecay.torch_pre_hook).
+        self._hooks = [decay.attach() for decay in self.decays]
+        self._logged_steps = [decay.steps for decay in self.decays]
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # An optimizer state restored from a checkpoint carries weight_decay=0 (see
+        # on_save_checkpoint): put λ back where the ecosystem reads it. Fresh runs already hold λ
+        # since fit start (and may hold a ParamScheduler's first value, which must not be undone).
+        if trainer.ckpt_path is not None:
+            for decay in self.decays:
+                decay.write_lambdas()
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        names = group_metric_names("wd_effective", trainer.optimizers) if self.log else []
+        for index, decay in enumerate(self.decays):
+            if self.log and decay.steps != self._logged_steps[index]:  # a step ran in this batch
+                for name, value in zip(names[index], decay.last_coefficients):
+                    pl_module.log(name, value, on_step=True, on_epoch=False)
+            self._logged_steps[index] = decay.steps
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._remove_hooks()
+
+    def _remove_hooks(self) -> None:
+        for hooks in self._hooks:
+            hooks.remove()
+        self._hooks = []
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        for decay, opt_state in zip(self.decays, checkpoint.get("optimizer_states", [])):
+            for group in opt_state.get("param_groups", [])[: len(decay.lambdas)]:
+                group["weight_decay"] = 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        if not self.decays:
+            return {"optimizers": self._loaded or []}
+        return {"optimizers": [d.state_dict() for d in self.decays]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loaded = list(state_dict["optimizers"])
+        for decay, state in zip(self.decays, self._loaded):
+            decay.load_state_dict(state)
