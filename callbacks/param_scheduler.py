@@ -142,6 +142,7 @@ class ParamScheduler(StepHookCallback):
         self._writers: dict[int, GroupWriter] = {}
         self._slots: dict[int, int] = {}
         self._warned: set[int] = set()
+        self._rewrite = False
 
     @property
     def state_key(self) -> str:
@@ -194,10 +195,21 @@ class ParamScheduler(StepHookCallback):
         self._check_overlap(trainer)
         self.steps, self.totals = self._resume_state(trainer, len(indices))
         self._warned = set()
+        self._write_all()
+        self._rewrite = True
+        StepHookCallback.on_fit_start(self, trainer, pl_module)  # register the step hooks now
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        # Write the first values once more: another callback's on_train_start (e.g. one putting
+        # back its own view of weight_decay after a resume) may have run after ours.
+        if self._rewrite:
+            self._rewrite = False
+            self._write_all()
+
+    def _write_all(self) -> None:
         for i, writer in self._writers.items():
             slot = self._slots[i]
             writer.apply(self._position(slot), self.totals[slot])
-        StepHookCallback.on_fit_start(self, trainer, pl_module)  # register the step hooks now
 
     def _check_overlap(self, trainer: Trainer) -> None:
         mine = {(i, k) for i, w in self._writers.items() for k in w.keys.values()}

@@ -1,0 +1,198 @@
+"""ParamScheduler: any field, per-group multipliers, several optimizers / manual optimization,
+LearningRateMonitor, torch-scheduler conflicts, weight decay written around other step hooks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.loggers import Logger
+
+from examples.tiny import TinyClassifier
+from pl_optim.callbacks import OneCycle, ParamScheduler, StepHookCallback
+from pl_optim.schedules import Constant, Cosine, Linear, one_cycle
+from tests.callbacks.test_one_cycle import Probe, fit
+
+
+class TwoGroups(TinyClassifier):
+    def configure_optimizers(self):
+        groups = [{"params": self.net[0].parameters()}, {"params": self.net[2].parameters()}]
+        return torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.0)
+
+
+def test_any_field_with_per_group_multipliers(trainer_kwargs):
+    probe = Probe(fields=("lr", "betas[0]", "betas[1]", "weight_decay"))
+    sched = ParamScheduler(
+        {"lr": Cosine(1e-2, 1e-4), "beta1": [Constant(0.9), Linear(0.95, 0.85)], "betas[1]": Constant(0.99),
+         "weight_decay": Linear(0.1, 0.0)},
+        multipliers={"lr": [0.1, 1.0], "weight_decay": [0.0, 1.0]},
+    )
+    fit([sched, probe], trainer_kwargs, TwoGroups(), max_steps=6)
+    lr, b1, wd = Cosine(1e-2, 1e-4), Linear(0.95, 0.85), Linear(0.1, 0.0)
+    assert probe.trace == [(0, 0.1 * lr(k, 6), 0.9, 0.99, 0.0, lr(k, 6), b1(k, 6), 0.99, wd(k, 6)) for k in range(6)]
+
+
+def test_custom_key(trainer_kwargs):
+    class Custom(TinyClassifier):
+        def configure_optimizers(self):
+            opt = torch.optim.SGD(self.parameters(), lr=0.1)
+            opt.param_groups[0]["noise"] = 0.0
+            return opt
+
+    probe = Probe(fields=("noise",))
+    fit([ParamScheduler({"noise": Linear(1.0, 0.0)}), probe], trainer_kwargs, Custom(), max_steps=4)
+    assert probe.trace == [(0, 1.0 - k / 4) for k in range(4)]
+
+
+class ManualTwoOptimizers(TinyClassifier):
+    """Manual optimization: optimizer 0 steps every batch, optimizer 1 every other batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def configure_optimizers(self):
+        return [torch.optim.SGD(self.net[0].parameters(), lr=0.1, momentum=0.9),
+                torch.optim.Adam(self.net[2].parameters(), lr=1e-3)]
+
+    def training_step(self, batch, batch_idx):
+        a, b = self.optimizers()
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        a.zero_grad()
+        b.zero_grad()
+        self.manual_backward(loss)
+        a.step()
+        if batch_idx % 2 == 0:
+            b.step()
+
+
+def test_manual_optimization_one_counter_per_optimizer(trainer_kwargs):
+    probe, cb = Probe(), OneCycle(0.1)
+    fit([cb, probe], trainer_kwargs, ManualTwoOptimizers(), max_epochs=1, limit_train_batches=8)
+    assert cb.totals == [8, 8] and cb.steps == [8, 4]
+    lr, mom = one_cycle(0.1)
+    assert [row[1:] for row in probe.trace if row[0] == 0] == [(lr(k, 8), mom(k, 8)) for k in range(8)]
+    assert [row[1:] for row in probe.trace if row[0] == 1] == [(lr(k, 8), mom(k, 8)) for k in range(4)]
+
+
+def test_manual_optimization_max_steps_counts_all_optimizers(trainer_kwargs):
+    cb = ParamScheduler({"lr": Cosine(0.1, 0.0)}, optimizers=[0])
+    fit([cb], trainer_kwargs, ManualTwoOptimizers(), max_steps=9)  # global_step counts both optimizers
+    assert cb.totals == [4]
+
+
+class MemoryLogger(Logger):
+    def __init__(self):
+        super().__init__()
+        self.rows: list[tuple[int, dict]] = []
+
+    @property
+    def name(self):
+        return "memory"
+
+    @property
+    def version(self):
+        return 0
+
+    def log_hyperparams(self, *args, **kwargs):
+        pass
+
+    def log_metrics(self, metrics, step=None):
+        self.rows.append((step, dict(metrics)))
+
+
+def test_learning_rate_monitor_logs_the_scheduled_values(trainer_kwargs):
+    logger, probe = MemoryLogger(), Probe(fields=("lr", "momentum", "weight_decay"))
+    callbacks = [OneCycle(0.1), ParamScheduler({"weight_decay": Cosine(1e-2, 1e-3)}), probe,
+                 LearningRateMonitor(logging_interval="step", log_momentum=True, log_weight_decay=True)]
+    kw = {**trainer_kwargs, "logger": logger, "log_every_n_steps": 1}
+    fit(callbacks, kw, TinyClassifier(optimizer="sgd", lr=0.5), max_steps=7)
+    logged = [(m["lr-SGD"], m["lr-SGD-momentum"], m["lr-SGD-weight_decay"]) for _, m in logger.rows if "lr-SGD" in m]
+    assert len(logged) == 7
+    assert logged == [row[1:] for row in probe.trace]
+    lr, mom = one_cycle(0.1)
+    assert logged[3] == (lr(3, 7), mom(3, 7), Cosine(1e-2, 1e-3)(3, 7))
+
+
+class TorchStepLR(TinyClassifier):
+    def configure_optimizers(self):
+        opt = super().configure_optimizers()
+        return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, 1)}
+
+
+def test_torch_scheduler_conflict_is_an_error(trainer_kwargs):
+    with pytest.raises(ValueError, match=r"drives \['lr'\] of the optimizer that configure_optimizers also gives the torch scheduler StepLR"):
+        fit([ParamScheduler({"lr": Constant(0.1)})], trainer_kwargs, TorchStepLR(), max_steps=3)
+
+
+def test_torch_lr_scheduler_with_a_weight_decay_schedule_is_fine(trainer_kwargs):
+    probe = Probe(fields=("weight_decay",))
+    fit([ParamScheduler({"weight_decay": Linear(0.1, 0.0)}), probe], trainer_kwargs, TorchStepLR(), max_epochs=1, limit_train_batches=3)
+    assert probe.trace == [(0, 0.1 - 0.1 * k / 3) for k in range(3)]
+
+
+def test_two_schedulers_on_the_same_field_is_an_error(trainer_kwargs):
+    with pytest.raises(ValueError, match=r"both schedule \(optimizer, field\) \[\(0, 'lr'\)\]"):
+        fit([OneCycle(0.1), ParamScheduler({"lr": Constant(0.1)})], trainer_kwargs, max_steps=3)
+
+
+class ZeroAroundStep(StepHookCallback):
+    """Stand-in for decoupled weight decay: reads λ in the pre-hook, zeroes it during the step,
+    writes the value it read back in the post-hook (the least cooperative restore)."""
+
+    def __init__(self):
+        self.seen: list[float] = []
+
+    def before_step(self, trainer, index, optimizer):
+        self._saved = optimizer.param_groups[0]["weight_decay"]
+        self.seen.append(self._saved)
+        optimizer.param_groups[0]["weight_decay"] = 0.0
+
+    def after_step(self, trainer, index, optimizer):
+        optimizer.param_groups[0]["weight_decay"] = self._saved
+
+
+@pytest.mark.parametrize("first", ["scheduler", "zeroer"])
+def test_weight_decay_schedule_survives_a_zero_restore_hook(trainer_kwargs, first):
+    zeroer, sched = ZeroAroundStep(), ParamScheduler({"weight_decay": Linear(0.1, 0.0)})
+    fit([sched, zeroer] if first == "scheduler" else [zeroer, sched], trainer_kwargs, max_steps=5)
+    assert zeroer.seen == pytest.approx([0.1 - 0.02 * k for k in range(5)], abs=1e-15)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"schedules": {}}, r"`schedules` must be a non-empty dict field -> schedule, got \{\}"),
+        ({"schedules": {"lr": 0.1}}, r"`schedules\['lr'\]` must be a schedule or a list of schedules, got 0.1"),
+        ({"multipliers": [0.1, 1.0]}, r"`multipliers` must be a dict field -> per-group factors, got \[0.1, 1.0\]"),
+        ({"total_steps": [10, 0]}, r"`total_steps` must be a positive int or a list of them, got \[10, 0\]"),
+        ({"total_steps": 2.5}, r"`total_steps` must be a positive int or a list of them, got 2.5"),
+        ({"optimizers": "all"}, r"`optimizers` must be an optimizer index or a list of them, got 'all'"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ParamScheduler(**{"schedules": {"lr": Constant(0.1)}, **kwargs})
+
+
+@pytest.mark.parametrize(
+    "sched,model,match",
+    [
+        (ParamScheduler({"momentum": Constant(0.9)}), TinyClassifier(optimizer="adagrad"),
+         "ParamScheduler, optimizer 0: Adagrad has no param-group field 'momentum'"),
+        (ParamScheduler({"lr": [Constant(0.1)] * 3}), TwoGroups(), "`lr` has 3 schedules but the optimizer has 2 param groups"),
+        (ParamScheduler({"lr": Constant(0.1)}, multipliers={"lr": [1.0]}), TwoGroups(),
+         r"`multipliers\['lr'\]` has 1 values but the optimizer has 2 param groups"),
+        (ParamScheduler({"lr": Constant(0.1)}, total_steps=[5, 5]), TinyClassifier(), "`total_steps` has 2 values for 1 scheduled"),
+    ],
+)
+def test_bad_setup(trainer_kwargs, sched, model, match):
+    with pytest.raises(ValueError, match=match):
+        fit([sched], trainer_kwargs, model, max_steps=3)
+
+
+def test_two_instances_have_distinct_state_keys():
+    a, b = ParamScheduler({"lr": Constant(0.1)}), ParamScheduler({"weight_decay": Constant(0.1)})
+    assert a.state_key != b.state_key and OneCycle(0.1).state_key != a.state_key
