@@ -349,6 +349,11 @@ class DecoupledDecay:
 
     # -- checkpointing --------------------------------------------------------------------
     def state_dict(self) -> dict[str, list]:
+        """``λ`` and ``lr_ref`` per group; ``λ`` as the groups hold it now (a scheduler may have
+        written the value for the next step since the last :meth:`pre_step`)."""
+        for index, group in enumerate(self.optimizer.param_groups[: len(self.lambdas)]):
+            if group["weight_decay"] is not _STEP_ZERO:
+                self.lambdas[index] = check_weight_decay(group["weight_decay"], f"param_groups[{index}]['weight_decay']")
         return {"lambdas": list(self.lambdas), "lr_refs": list(self.lr_refs)}
 
     def load_state_dict(self, state: dict[str, list]) -> None:

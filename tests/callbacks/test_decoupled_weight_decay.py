@@ -13,7 +13,8 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import Logger
 
 from examples.tiny import RandomClassificationData, TinyClassifier
-from pl_optim.callbacks import DecoupledWeightDecay
+from pl_optim.callbacks import DecoupledWeightDecay, OneCycle, ParamScheduler
+from pl_optim.schedules import Linear
 from tests.helpers import InjectInfGrad, fp16_cpu_plugin
 
 
@@ -231,3 +232,54 @@ def test_exclude_by_pattern_and_predicate(trainer_kwargs):
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DecoupledWeightDecay(**kwargs)
+
+
+def test_parity_with_adamw_under_pl_optim_one_cycle(trainer_kwargs):
+    steps, lam = 100, 0.3
+
+    def run(optimizer, wd, callbacks):
+        pl.seed_everything(0)
+        model = TinyClassifier(optimizer=optimizer, lr=1e-3, weight_decay=wd)
+        _fit(trainer_kwargs, model, [OneCycle(max_lr=1e-2, beta2=0.99), *callbacks], max_steps=steps)
+        return _weights(model)
+
+    ref = run("adamw", lam, [])
+    ours = run("adam", 0.0, [DecoupledWeightDecay(lam, exclude_1d=False)])
+    assert (ref - ours).abs().max().item() <= 1e-6
+    assert (ref - run("adam", 0.0, [])).abs().max().item() > 1e-4
+
+
+@pytest.mark.parametrize("scheduler_first", [True, False])
+def test_weight_decay_scheduled_by_param_scheduler(trainer_kwargs, tmp_path, scheduler_first):
+    """ParamScheduler writes group["weight_decay"] between steps; the decay applied at step t is
+    the scheduled value, the optimizer sees 0, LearningRateMonitor shows the schedule, and a
+    resumed run continues identically, whatever the callback order."""
+    steps, schedule = 8, Linear(0.4, 0.0)
+
+    def callbacks(*extra):
+        pair = [ParamScheduler({"weight_decay": schedule}, total_steps=steps), DecoupledWeightDecay(0.4, mode="constant")]
+        return [*(pair if scheduler_first else pair[::-1]), *extra]
+
+    logger, probe = CaptureLogger(), WeightDecayProbe()
+    model = LrZeroSGD()
+    w0 = model.net[0].weight.detach().clone()
+    epochs = dict(limit_train_batches=4, limit_val_batches=0)
+    _fit(
+        trainer_kwargs, model, callbacks(LearningRateMonitor("step", log_weight_decay=True), probe),
+        max_epochs=2, logger=logger, log_every_n_steps=1, **epochs,
+    )
+    wds = [schedule(t, steps) for t in range(steps)]
+    assert logger.values("lr-SGD-weight_decay") == pytest.approx(wds)
+    assert logger.values("wd_effective-SGD") == pytest.approx(wds)
+    assert probe.inside == [0.0] * steps
+    torch.testing.assert_close(model.net[0].weight.detach(), w0 * math.prod(1 - w for w in wds))
+    # stop at 4, resume to 8: same weights
+    pl.seed_everything(0)
+    first = LrZeroSGD()
+    trainer = _fit(trainer_kwargs, first, callbacks(), max_epochs=1, **epochs)
+    trainer.save_checkpoint(tmp_path / "half.ckpt")
+    pl.seed_everything(0)
+    resumed = LrZeroSGD()
+    trainer = pl.Trainer(callbacks=callbacks(), max_epochs=2, **epochs, **trainer_kwargs)
+    trainer.fit(resumed, datamodule=RandomClassificationData(), ckpt_path=tmp_path / "half.ckpt")
+    torch.testing.assert_close(_weights(resumed), _weights(model), rtol=0, atol=0)
