@@ -5,6 +5,7 @@ pure-torch functions of :mod:`pl_optim`.
 """
 
 from pl_optim.callbacks._base import StepHookCallback
+from pl_optim.callbacks._channel_removal import load_compressed
 from pl_optim.callbacks.amsgrad_toggle import AMSGradToggle
 from pl_optim.callbacks.decoupled_weight_decay import DecoupledWeightDecay
 from pl_optim.callbacks.lr_range_test import LRRangeTest
@@ -20,4 +21,5 @@ __all__ = [
     "ParamScheduler",
     "SelfCompression",
     "StepHookCallback",
+    "load_compressed",
 ]

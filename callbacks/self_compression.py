@@ -12,6 +12,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from pl_optim.callbacks._base import StepHookCallback, refuse_sharded_strategy
+from pl_optim.callbacks._channel_removal import ChannelRemoval
 from pl_optim.compression.quantizer import (
     attach_quantizers,
     check_init_bits,
@@ -56,6 +57,10 @@ class SelfCompression(StepHookCallback):
         optimizer_index: the optimizer that receives the new param group.
         plot_path: where to save the PNG (default ``<default_root_dir>/self_compression_size.png``);
             ``False`` disables it.
+        remove_channels: remove dead channels during training (``docs/channel_removal.md``):
+            the layers and the optimizer state shrink, checkpoints keep loading, DDP is rebuilt.
+        removal_interval: decide about removal every this many optimizer steps.
+        shift_decay: L1 proximal step per decision on the bias / BatchNorm shift of dead channels.
 
     Raises:
         ValueError: a bad argument (at construction); at setup, an ``exclude`` name matching no
@@ -76,6 +81,9 @@ class SelfCompression(StepHookCallback):
         lr: float | None = None,
         optimizer_index: int = 0,
         plot_path: str | Path | bool | None = None,
+        remove_channels: bool = False,
+        removal_interval: int = 1,
+        shift_decay: float = 1e-3,
     ) -> None:
         if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not math.isfinite(gamma) or gamma < 0:
             raise ValueError(f"`gamma` must be a finite number >= 0, got {gamma!r}")
@@ -98,11 +106,27 @@ class SelfCompression(StepHookCallback):
         self._group: dict | None = None
         self._saved: list[torch.Tensor] = []
         self.plot: Path | None = None
+        if not isinstance(remove_channels, bool):
+            raise ValueError(f"`remove_channels` must be True or False, got {remove_channels!r}")
+        removal = ChannelRemoval(removal_interval, shift_decay)
+        self.removal: ChannelRemoval | None = removal if remove_channels else None
+        self.channels: list[dict[str, Any]] = []
 
     # --- attach ----------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         refuse_sharded_strategy(trainer, "SelfCompression")
         attach_quantizers(pl_module, exclude=self.exclude, init_bits=self.init_bits)
+        if self.removal is not None:
+            self.removal.setup(trainer, pl_module)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
+        if self.removal is not None:
+            self.removal.teardown()
+
+    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
+        if self.removal is not None:
+            self.removal.on_before_backward(loss)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
@@ -152,6 +176,8 @@ class SelfCompression(StepHookCallback):
                 f"SelfCompression: {repaired} bits/exponent value(s) became NaN/inf in optimizer step "
                 f"{trainer.global_step}; kept their previous values"
             )
+        if self.removal is not None and index == len(trainer.optimizers) - 1:
+            self.removal.after_step(trainer, trainer.lightning_module, repaired)
 
     # --- logging and report ------------------------------------------------------------------
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -166,6 +192,10 @@ class SelfCompression(StepHookCallback):
         rows = layer_sizes(pl_module)
         self.report = [r.as_dict() for r in rows]
         rank_zero_info("SelfCompression report:\n" + format_report(rows))
+        if self.removal is not None:
+            self.channels = self.removal.channel_report(pl_module)
+            rank_zero_info("SelfCompression channels (before -> after): " + ", ".join(
+                f"{c['layer']} {c['channels_before']} -> {c['channels_after']}" for c in self.channels))
         if self.plot_path is not False and self.history and trainer.is_global_zero:
             path = self.plot_path or Path(trainer.default_root_dir) / "self_compression_size.png"
             epochs = [h["epoch"] for h in self.history]
@@ -173,7 +203,12 @@ class SelfCompression(StepHookCallback):
             self.plot = plot_series(path, epochs, series, "epoch", "% kept", "SelfCompression: size vs. epoch")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": [dict(h) for h in self.history]}
+        state = {"history": [dict(h) for h in self.history]}
+        if self.removal is not None:
+            state["channel_removal"] = self.removal.state_dict()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = [dict(h) for h in state_dict.get("history", [])]
+        if self.removal is not None and "channel_removal" in state_dict:
+            self.removal.load_state_dict(state_dict["channel_removal"])

@@ -358,33 +358,42 @@ class ChannelGraph:
         """Current number of channels of group ``index`` (its first producer's output size)."""
         return _out_size(self.modules[self.groups[index].producers[0]])
 
-    def removable(self, dead: Mapping[str, torch.Tensor]) -> dict[int, torch.Tensor]:
-        """Channels that can go now, per group.
-
-        Args:
-            dead: producer name -> bool ``[C_out]``, True where that producer's channel is dead
-                (its weight row is, and stays, 0). Producers absent from ``dead`` count as alive.
-
-        Returns:
-            group index -> sorted ``LongTensor`` of channel indices to remove (groups with
-            nothing to remove are absent). At least one channel of every group is kept.
-        """
-        plan = {}
+    def dead_in_all(self, dead: Mapping[str, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """Group index -> bool mask of channels dead in EVERY producer (unfrozen groups only)."""
+        out = {}
         for i, g in enumerate(self.groups):
             if g.frozen or not all(p in dead for p in g.producers):
                 continue
             mask = torch.ones(self.group_size(i), dtype=torch.bool)
             for p in g.producers:
                 mask &= dead[p].detach().to("cpu", torch.bool)
-            if not mask.any():
-                continue
+            if mask.any():
+                out[i] = mask
+        return out
+
+    def removable(self, dead: Mapping[str, torch.Tensor], atol: float = 0.0) -> dict[int, torch.Tensor]:
+        """Channels that can go now, per group.
+
+        Args:
+            dead: producer name -> bool ``[C_out]``, True where that producer's channel is dead
+                (its weight row is, and stays, 0). Producers absent from ``dead`` count as alive.
+            atol: largest ``|constant|`` a dead channel may still carry at a consumer or junction
+                (0: exactly function-preserving; a small value lets eval-mode BatchNorm running
+                means that are still decaying towards 0 count as 0).
+
+        Returns:
+            group index -> sorted ``LongTensor`` of channel indices to remove (groups with
+            nothing to remove are absent). At least one channel of every group is kept.
+        """
+        plan = {}
+        for i, mask in self.dead_in_all(dead).items():
             with torch.no_grad():
-                for chain in g.checks:
+                for chain in self.groups[i].checks:
                     for train in (True, False):
                         v = torch.zeros(mask.numel())
                         for step in chain:
                             v = step(v, train)
-                        mask &= v == 0
+                        mask &= v.abs() <= atol
             if mask.all():
                 mask[0] = False
             if mask.any():

@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from pl_optim.compression.graph import ChannelGraph
+from pl_optim.compression.quantizer import ChannelQuantizer
 
 Kept = dict[str, dict[str, torch.Tensor]]
 
@@ -141,6 +142,83 @@ def apply_kept(model: nn.Module, kept: Kept, optimizers: Iterable[torch.optim.Op
         if name not in modules:
             raise ValueError(f"layer {name!r} of the removal record is not in the model")
         slice_module(modules[name], entry.get("out"), entry.get("in"), optimizers)
+
+
+def _constants(graph: ChannelGraph, group: int) -> list[torch.Tensor]:
+    """The per-channel constant terms of a group: producer biases, BatchNorm shifts, depthwise biases."""
+    g = graph.groups[group]
+    mods = [graph.modules[n] for n in g.producers + g.channelwise]
+    return [m.bias for m in mods if getattr(m, "bias", None) is not None]
+
+
+def shrink_constants(
+    graph: ChannelGraph,
+    dead: Mapping[int, torch.Tensor],
+    amount: float,
+    optimizers: Iterable[torch.optim.Optimizer] = (),
+) -> int:
+    """Proximal L1 step on the constants dead channels still carry: ``c <- sign(c) max(|c| - amount, 0)``.
+
+    Applied to the producer bias, BatchNorm shift and depthwise bias of every channel in
+    ``dead`` (group index -> bool mask, e.g. :meth:`ChannelGraph.dead_in_all`), it is the
+    proximal operator of ``amount * |c|`` — the paper's L1 term on the outputs of dead channels —
+    and reaches exactly 0 in finite steps. The optimizer state entries of those constants
+    (momentum, Adam moments) are zeroed too, so the optimizer's own momentum does not push them
+    away from 0 again.
+
+    Returns:
+        The number of constants that are non-zero after the step.
+    """
+    optimizers = list(optimizers)
+    left = 0
+    with torch.no_grad():
+        for gi, mask in dead.items():
+            for c in _constants(graph, gi):
+                m = mask.to(c.device)
+                c[m] = torch.sign(c[m]) * (c[m].abs() - amount).clamp_min(0)
+                left += int((c[m] != 0).sum())
+                for opt in optimizers:
+                    for value in opt.state.get(c, {}).values():
+                        if torch.is_tensor(value) and value.shape == c.shape:
+                            value[m.to(value.device)] = 0
+    return left
+
+
+_SLICEABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.modules.batchnorm._BatchNorm)
+
+
+def match_shapes(model: nn.Module, state_dict: Mapping[str, torch.Tensor], prefix: str = "") -> list[str]:
+    """Shrink the layers of a full-size ``model`` to the shapes a ``state_dict`` saved after
+    channel removal holds, so that ``model.load_state_dict(state_dict)`` fits.
+
+    Only shapes matter here (the values are loaded right after): each layer keeps its first
+    ``k`` channels. Quantiser parametrizations present in ``state_dict`` but not in ``model``
+    are attached first (:func:`~pl_optim.compression.quantizer.attach_quantizers` layout).
+
+    Returns:
+        Names of the layers that were shrunk.
+    """
+    shrunk = []
+    for name, module in model.named_modules():
+        if not isinstance(module, _SLICEABLE):
+            continue
+        base = f"{prefix}{name}." if name else prefix
+        if f"{base}parametrizations.weight.original" in state_dict and not parametrize.is_parametrized(module, "weight"):
+            parametrize.register_parametrization(module, "weight", ChannelQuantizer(module.weight))
+        key = f"{base}parametrizations.weight.original" if parametrize.is_parametrized(module, "weight") else f"{base}weight"
+        if key not in state_dict and isinstance(module, nn.modules.batchnorm._BatchNorm):
+            key = f"{base}running_mean"
+        if key not in state_dict:
+            continue
+        saved, current = state_dict[key].shape, (_weight(module) if key.endswith("weight") or "original" in key
+                                                 else module.running_mean).shape
+        if saved == current:
+            continue
+        out_keep = torch.arange(saved[0]) if saved[0] != current[0] else None
+        in_keep = torch.arange(saved[1]) if len(saved) > 1 and saved[1] != current[1] else None
+        slice_module(module, out_keep, in_keep)
+        shrunk.append(name)
+    return shrunk
 
 
 class ChannelRemover:

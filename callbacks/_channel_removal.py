@@ -1,0 +1,223 @@
+"""Lightning side of channel removal: the helper object :class:`SelfCompression` delegates to.
+
+Not a Callback: it decides on the optimizer steps that ran (called from SelfCompression's step
+hook), shrinks the network and the optimizer state (:mod:`pl_optim.compression.surgery`),
+rebuilds the DDP wrapper, and makes checkpoints taken after removals load into a freshly built
+full-size model (a ``load_state_dict`` pre-hook shrinks the layers to the saved shapes before
+Lightning copies the weights — Lightning restores the model before any callback state).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+
+from pl_optim.compression.graph import ChannelGraph
+from pl_optim.compression.quantizer import dead_channels, quantized_layers
+from pl_optim.compression.surgery import ChannelRemover, match_shapes, shrink_constants
+
+_SIZED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def _check_nonneg(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+class ChannelRemoval:
+    """Remove dead channels during training (see ``docs/channel_removal.md``).
+
+    Every ``interval`` optimizer steps that ran: channels dead in every coupled producer
+    (quantiser rule :func:`~pl_optim.compression.quantizer.dead_channels`, weight rows exactly 0)
+    get a proximal L1 step of ``shift_decay`` on their constants (bias, BatchNorm shift); those
+    whose constant is now 0 at every consumer (``atol`` for eval-mode running means still
+    decaying) are removed. Under DDP rank 0's decision is broadcast and the wrapper rebuilt.
+
+    Args:
+        interval: decide every this many optimizer steps (>= 1).
+        shift_decay: L1 proximal step on the constants of dead channels per decision (>= 0).
+        atol: largest constant a removed channel may leave behind (>= 0).
+
+    Raises:
+        ValueError: a bad argument.
+    """
+
+    def __init__(self, interval: int = 1, shift_decay: float = 1e-3, atol: float = 1e-6) -> None:
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+            raise ValueError(f"`removal_interval` must be an integer >= 1, got {interval!r}")
+        self.interval = interval
+        self.shift_decay = _check_nonneg("shift_decay", shift_decay)
+        self.atol = _check_nonneg("removal_atol", atol)
+        self.kept: dict[str, dict[str, torch.Tensor]] = {}
+        self.original: dict[str, int] = {}
+        self.events: list[tuple[int, str, int]] = []
+        self.steps = 0
+        self.graph: ChannelGraph | None = None
+        self.remover: ChannelRemover | None = None
+        self._example: tuple | None = None
+        self._handles: list = []
+        self._bad_loss = False
+        self._warned: set[str] = set()
+
+    # --- setup / teardown ----------------------------------------------------------------------
+    def setup(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.teardown()
+        self.graph = self.remover = None
+        self.original = {n: m.out_channels if not isinstance(m, nn.Linear) else m.out_features
+                         for n, m in pl_module.named_modules() if isinstance(m, _SIZED)}
+        self._handles = [
+            pl_module.register_forward_pre_hook(self._grab),
+            pl_module.register_load_state_dict_pre_hook(self._match),
+        ]
+
+    def teardown(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _grab(self, module: nn.Module, args: tuple) -> None:
+        if self._example is None and args:
+            self._example = tuple(a.detach() if torch.is_tensor(a) else a for a in args)
+
+    @staticmethod
+    def _match(module, state_dict, prefix, *args) -> None:
+        match_shapes(module, state_dict, prefix)
+
+    # --- every optimizer step ------------------------------------------------------------------
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        self._bad_loss |= not bool(torch.isfinite(loss.detach()).all())
+
+    def after_step(self, trainer: Trainer, pl_module: LightningModule, repaired: int) -> None:
+        self.steps += 1
+        bad_loss, self._bad_loss = self._bad_loss, False
+        if self.steps % self.interval:
+            return
+        if repaired or bad_loss:
+            rank_zero_warn(f"SelfCompression: non-finite bits/exponent or loss at step {trainer.global_step}; "
+                           "no channel removal this step")
+            return
+        if not self._ensure_graph(pl_module):
+            return
+        graph = self.graph
+        dead = self.dead(pl_module)
+        shrink_constants(graph, graph.dead_in_all(dead), self.shift_decay, trainer.optimizers)
+        plan = graph.removable(dead, self.atol)
+        if isinstance(trainer.strategy, DDPStrategy) and trainer.world_size > 1:
+            plan = trainer.strategy.broadcast({k: v.tolist() for k, v in plan.items()}, src=0)
+            plan = {k: torch.tensor(v, dtype=torch.long) for k, v in plan.items()}
+        if not plan:
+            return
+        removed = self.remover.remove(plan, trainer.optimizers)
+        self.kept = self.remover.kept
+        if isinstance(trainer.strategy, DDPStrategy) and trainer.world_size > 1:
+            _rebuild_ddp(trainer)
+        step = trainer.global_step + 1  # this optimizer step ran; Lightning counts it after the hooks
+        for name, n in removed.items():
+            self.events.append((step, name, n))
+        rank_zero_info(f"SelfCompression: optimizer step {step}: removed channels "
+                       + ", ".join(f"{k}: -{v}" for k, v in removed.items()))
+        if trainer.logger is not None:
+            trainer.logger.log_metrics({f"self_compression/removed/{k}": float(v) for k, v in removed.items()}, step=step)
+
+    @staticmethod
+    def dead(pl_module: nn.Module) -> dict[str, torch.Tensor]:
+        """Quantised layer -> bool ``[C_out]``: dead by the quantiser's rule AND a zero weight row."""
+        return {
+            name: (dead_channels(q) & (layer.weight.detach().flatten(1) == 0).all(1)).cpu()
+            for name, (layer, q) in quantized_layers(pl_module).items()
+        }
+
+    def _ensure_graph(self, pl_module: LightningModule) -> bool:
+        if self.graph is not None:
+            return True
+        example = self._example
+        if example is None and pl_module.example_input_array is not None:
+            example = pl_module.example_input_array
+            example = tuple(example) if isinstance(example, (tuple, list)) else (example,)
+        if example is None:
+            self._warn("channel removal needs one call of the LightningModule's forward (or "
+                       "`example_input_array`) to trace the network; no removal yet")
+            return False
+        try:
+            self.graph = ChannelGraph(pl_module, *example)
+        except ValueError as exc:
+            self._warn(f"channel removal disabled: {exc}")
+            self.interval = 1 << 62
+            return False
+        for reason in self.graph.unsupported:
+            if reason != "network output":
+                self._warn(f"channel removal keeps the channels involved in: {reason}")
+        self.remover = ChannelRemover(self.graph, self.kept)
+        return True
+
+    def _warn(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            rank_zero_warn("SelfCompression: " + message)
+
+    # --- report / state ------------------------------------------------------------------------
+    def channel_report(self, pl_module: nn.Module) -> list[dict[str, Any]]:
+        """Per conv/linear layer: output channels at the start of training and now."""
+        mods = dict(pl_module.named_modules())
+        return [{"layer": n, "channels_before": c, "channels_after": _out(mods[n])}
+                for n, c in self.original.items() if n in mods]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "kept": {n: {k: v.clone() for k, v in e.items()} for n, e in self.kept.items()},
+            "original": dict(self.original),
+            "events": [list(e) for e in self.events],
+            "steps": self.steps,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.kept = {n: dict(e) for n, e in state.get("kept", {}).items()}
+        self.original = dict(state.get("original", self.original))
+        self.events = [tuple(e) for e in state.get("events", [])]
+        self.steps = int(state.get("steps", 0))
+        self.graph = self.remover = None
+
+
+def _out(m: nn.Module) -> int:
+    return m.out_features if isinstance(m, nn.Linear) else m.out_channels
+
+
+def _rebuild_ddp(trainer: Trainer) -> None:
+    """New DDP wrapper (gradient buckets sized for the new shapes) around the same module."""
+    strategy = trainer.strategy
+    inner = strategy.model.module
+    strategy.model = None  # drop the old reducer (its autograd hooks) before building the new one
+    strategy.model = strategy._setup_model(inner)
+
+
+def load_compressed(module_cls: type[LightningModule], checkpoint_path: str, **kwargs: Any) -> LightningModule:
+    """``module_cls.load_from_checkpoint(checkpoint_path, **kwargs)`` for a checkpoint written by
+    :class:`SelfCompression` (quantisers, and fewer channels after removal).
+
+    The plain ``MyModule.load_from_checkpoint`` cannot work: it builds the model with the user's
+    ``__init__`` (float weights, full width) and Lightning offers no hook outside the user's own
+    class between construction and ``load_state_dict``. This helper adds exactly that step
+    (attach the quantisers the checkpoint holds and shrink each layer to the saved shapes,
+    :func:`~pl_optim.compression.surgery.match_shapes`) in a throw-away subclass, and returns an
+    instance of ``module_cls`` with the trained network.
+
+    Example::
+
+        model = load_compressed(MyModule, "epoch=9.ckpt")
+    """
+
+    class _Loader(module_cls):  # type: ignore[misc, valid-type]
+        def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+            super().on_load_checkpoint(checkpoint)
+            match_shapes(self, checkpoint["state_dict"])
+
+    model = _Loader.load_from_checkpoint(checkpoint_path, **kwargs)
+    model.__class__ = module_cls
+    return model
