@@ -1,0 +1,63 @@
+"""DecoupledWeightDecay + AMSGradToggle under strategy='ddp' (2 CPU processes, gloo): both ranks
+decay on every step that ran, switch AMSGrad at the same epoch, and end with identical weights.
+
+The Trainer runs in a child script (this file run as ``__main__``) because Lightning's ddp
+launcher re-executes the command line for rank 1; each rank writes what it saw to a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(out: Path) -> None:
+    import lightning.pytorch as pl
+    import torch
+
+    from examples.tiny import RandomClassificationData, TinyClassifier
+    from pl_optim.callbacks import AMSGradToggle, DecoupledWeightDecay
+
+    torch.set_num_threads(1)
+    pl.seed_everything(0, verbose=False)
+    decay, toggle = DecoupledWeightDecay(0.3), AMSGradToggle({1: True})
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, accumulate_grad_batches=2, logger=False,
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
+        limit_val_batches=0, callbacks=[decay, toggle], default_root_dir=str(out),
+    )
+    model = TinyClassifier(optimizer="adam", lr=1e-2)
+    # 256 samples / 16 a batch / 2 ranks = 8 batches a rank an epoch; accumulation 2 -> 4 steps
+    trainer.fit(model, datamodule=RandomClassificationData())
+    opt = trainer.optimizers[0]
+    state = {
+        "weights": [p.detach().flatten().tolist() for p in model.parameters()],
+        "decay_steps": decay.decays[0].steps,
+        "amsgrad": opt.param_groups[0]["amsgrad"],
+        "max_state": all("max_exp_avg_sq" in s for s in opt.state.values()),
+        "weight_decay": opt.param_groups[0]["weight_decay"],
+    }
+    (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(state))
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_ddp_ranks_decay_and_switch_identically(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, __file__, str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0 == r1
+    assert r0["decay_steps"] == 8 and r0["amsgrad"] is True and r0["max_state"] is True
+    assert r0["weight_decay"] == 0.3
+
+
+if __name__ == "__main__":
+    _run(Path(sys.argv[1]))
