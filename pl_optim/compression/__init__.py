@@ -1,5 +1,6 @@
 """Self-compressing networks: quantiser, size loss, dependency analysis, channel surgery, export."""
 
+from pl_optim.compression.export import PackedSize, export_compressed, load_packed, read_packed, save_packed
 from pl_optim.compression.quantizer import (
     ChannelQuantizer,
     attach_quantizers,
@@ -14,16 +15,21 @@ from pl_optim.compression.size import add_size_grad, float_weight_count, size_bi
 __all__ = [
     "ChannelQuantizer",
     "LayerSize",
+    "PackedSize",
     "add_size_grad",
     "attach_quantizers",
     "compression_stats",
     "dead_channels",
+    "export_compressed",
     "float_weight_count",
     "format_report",
     "layer_sizes",
+    "load_packed",
     "quantize",
     "quantized_layers",
     "quantizer_parameters",
+    "read_packed",
+    "save_packed",
     "size_bits",
     "size_loss",
 ]
