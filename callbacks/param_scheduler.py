@@ -143,10 +143,14 @@ class ParamScheduler(StepHookCallback):
         self._slots: dict[int, int] = {}
         self._warned: set[int] = set()
         self._rewrite = False
+        self._state_key: str | None = None
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(fields=sorted(self.schedules), optimizers=self.optimizer_indices)
+        # Lightning reads state_key around every hook call: build it once.
+        if self._state_key is None:
+            self._state_key = self._generate_state_key(fields=sorted(self.schedules), optimizers=self.optimizer_indices)
+        return self._state_key
 
     # -- what to write (OneCycle overrides this) ----------------------------------------------
     def schedules_for(self, trainer: Trainer, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:

@@ -99,12 +99,15 @@ class Schedule:
     def __call__(self, step: float, total: float) -> float:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _public(self) -> dict:
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        args = ", ".join(f"{k}={v!r}" for k, v in self._public().items())
         return f"{type(self).__name__}({args})"
 
     def __eq__(self, other: object) -> bool:
-        return type(self) is type(other) and vars(self) == vars(other)
+        return type(self) is type(other) and self._public() == other._public()
 
     def __hash__(self) -> int:
         return hash((type(self).__name__, repr(self)))
@@ -290,12 +293,16 @@ class _OneCyclePhases(Schedule):
     def __init__(self, pct_start: float, schedules: Sequence[Schedule]) -> None:
         self.pct_start = pct_start
         self.schedules = tuple(schedules)
+        self._ends: tuple[float, list[float]] = (math.nan, [])  # cache: (total, phase ends)
 
     def __call__(self, step: float, total: float) -> float:
-        ends = [float(self.pct_start * total) - 1]
-        if len(self.schedules) == 3:
-            ends.append(float(2 * self.pct_start * total) - 2)
-        ends.append(total - 1)
+        cached_total, ends = self._ends
+        if cached_total != total:  # computed once per run length, not once per step
+            ends = [float(self.pct_start * total) - 1]
+            if len(self.schedules) == 3:
+                ends.append(float(2 * self.pct_start * total) - 2)
+            ends.append(total - 1)
+            self._ends = (total, ends)
         return _piecewise(step, ends, self.schedules, inclusive=True)
 
 

@@ -1,0 +1,93 @@
+"""Per-step wall time: the OneCycle callback vs. torch's OneCycleLR returned by configure_optimizers.
+
+Both runs train the same tiny MLP (SGD with momentum) for the same number of steps with the same
+1cycle schedule (lr and momentum); runs alternate (ours, torch, ours, torch, ...) so that drifts
+in machine load hit both alike. A step's time is the wall time between consecutive
+``on_train_batch_start`` calls (forward, backward, optimizer step, scheduler update and loop
+overhead), the first ``--warmup`` steps of a run excluded; a run's figure is the median of its
+steps. Prints median and min-max over the repetitions and the ratio ours / torch (target <= 1.02).
+
+    python -m examples.benchmarks.bench_one_cycle            # defaults: 9 repetitions x 400 steps
+    python -m examples.benchmarks.bench_one_cycle --reps 15 --steps 600
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+
+import lightning.pytorch as pl
+import torch
+
+from examples.tiny import RandomClassificationData, TinyClassifier
+from pl_optim.callbacks import OneCycle
+
+warnings.filterwarnings("ignore")
+
+
+class StepTimer(pl.Callback):
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.times, self._last = warmup, [], None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        if self._last is not None and trainer.global_step > self.warmup:
+            self.times.append(now - self._last)
+        self._last = now
+
+
+class TorchOneCycle(TinyClassifier):
+    def __init__(self, total: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.total = total
+
+    def configure_optimizers(self):
+        opt = super().configure_optimizers()
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=self.total)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def run(kind: str, steps: int, warmup: int) -> tuple[float, torch.Tensor]:
+    pl.seed_everything(0, verbose=False)
+    timer = StepTimer(warmup)
+    callbacks = [timer] + ([OneCycle(0.1)] if kind == "ours" else [])
+    model = TinyClassifier(optimizer="sgd", lr=0.1) if kind == "ours" else TorchOneCycle(steps, optimizer="sgd", lr=0.1)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=callbacks,
+    )
+    trainer.fit(model, datamodule=RandomClassificationData(n=4096, batch_size=16))
+    return statistics.median(timer.times), torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=9)
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--warmup", type=int, default=20)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    results: dict[str, list[float]] = {"ours": [], "torch": []}
+    run("ours", 50, 5), run("torch", 50, 5)  # warm caches and imports
+    for rep in range(args.reps):
+        order = ("ours", "torch") if rep % 2 == 0 else ("torch", "ours")
+        weights = {}
+        for kind in order:
+            t, weights[kind] = run(kind, args.steps, args.warmup)
+            results[kind].append(t)
+        same = torch.equal(weights["ours"], weights["torch"])
+    print(f"OneCycle callback vs torch OneCycleLR, TinyClassifier (195 parameters), SGD(momentum), "
+          f"{args.steps} steps x {args.reps} interleaved repetitions, torch threads = 1")
+    for kind, ts in results.items():
+        print(f"  {kind:>5}: median {statistics.median(ts) * 1e6:8.1f} us/step   "
+              f"min-max {min(ts) * 1e6:.1f}-{max(ts) * 1e6:.1f}")
+    ratios = [a / b for a, b in zip(results["ours"], results["torch"])]
+    print(f"  ratio ours/torch: median {statistics.median(ratios):.3f}  "
+          f"(min-max over paired repetitions {min(ratios):.3f}-{max(ratios):.3f}; target <= 1.02)")
+    print(f"  final weights bit-identical: {same}")
+
+
+if __name__ == "__main__":
+    main()
