@@ -32,6 +32,7 @@ from torch.nn.utils import parametrize
 
 from pl_optim.compression.quantizer import integer_codes, quantized_layers
 from pl_optim.compression.size import groups_of, live_input_columns
+from pl_optim.compression.surgery import match_shapes
 
 MAGIC = b"PLOQ1"
 
@@ -229,12 +230,16 @@ def read_packed(path: str | Path) -> dict[str, torch.Tensor]:
 
 def load_packed(path: str | Path, module: nn.Module) -> nn.Module:
     """Load a packed file into ``module`` (a plain network of the exported architecture, e.g. a
-    fresh instance of the same class) and return it.
+    fresh instance of the same class) and return it. When channels were removed during training,
+    the layers of a full-size ``module`` are first shrunk to the stored shapes
+    (:func:`~pl_optim.compression.surgery.match_shapes`).
 
     Raises:
         ValueError: ``module`` carries quantisers (load into a plain module), or a bad file.
     """
     if quantized_layers(module):
         raise ValueError("`module` carries quantisers; load a packed file into a plain module of the same architecture")
-    module.load_state_dict(read_packed(path))
+    state = read_packed(path)
+    match_shapes(module, state)
+    module.load_state_dict(state)
     return module

@@ -95,3 +95,24 @@ def test_export_errors(tmp_path):
     (tmp_path / "bad").write_bytes(b"hello")
     with pytest.raises(ValueError, match="not a pl_optim packed file"):
         read_packed(tmp_path / "bad")
+
+
+def test_packed_file_of_a_shrunk_network_loads_into_a_full_size_one(tmp_path):
+    from pl_optim.compression.surgery import slice_module
+
+    def net():
+        return nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 6, 1),
+                             nn.Flatten(), nn.Linear(6 * 4, 5)).eval()
+
+    torch.manual_seed(0)
+    model = net()
+    attach_quantizers(model, init_bits=5)
+    keep = torch.tensor([0, 2, 3, 6, 7])  # channel removal of part II shrinks layers in place
+    slice_module(model[0], out_keep=keep)
+    slice_module(model[1], out_keep=keep)
+    slice_module(model[3], in_keep=keep)
+    save_packed(model, tmp_path / "small.ploq")
+    x = torch.randn(2, 3, 4, 4)
+    reloaded = load_packed(tmp_path / "small.ploq", net())
+    assert reloaded[0].weight.shape == (5, 3, 3, 3) and reloaded[3].weight.shape == (6, 5, 1, 1)
+    torch.testing.assert_close(reloaded(x), export_compressed(model)(x), rtol=0, atol=0)
