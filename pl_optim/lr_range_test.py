@@ -49,7 +49,8 @@ class RangeTestResult:
         """Suggested lr of group 0.
 
         ``"min_div_10"`` (fastai's rule of thumb): the lr of the lowest smoothed loss divided by 10.
-        ``"steepest"``: the lr where the smoothed loss falls fastest per decade (before its minimum).
+        ``"steepest"``: the lr where the smoothed loss falls fastest per unit of log-lr, between
+        the first 10% of the points (where the average is still warming up) and its minimum.
 
         Raises:
             ValueError: an unknown method, or fewer than 3 finite points were measured.
@@ -62,9 +63,11 @@ class RangeTestResult:
         best = min(range(len(pts)), key=lambda i: pts[i][1])
         if method == "min_div_10":
             return pts[best][0] / 10.0
-        end = max(best, 2)
-        slopes = [(pts[i + 1][1] - pts[i - 1][1]) / math.log(pts[i + 1][0] / pts[i - 1][0]) for i in range(1, end)]
-        return pts[1 + min(range(len(slopes)), key=slopes.__getitem__)][0]
+        start = max(1, len(pts) // 10)  # the first points only show the average warming up
+        end = max(best, start + 1)
+        slopes = {i: (pts[i + 1][1] - pts[i - 1][1]) / math.log(pts[i + 1][0] / pts[i - 1][0])
+                  for i in range(start, min(end, len(pts) - 1))}
+        return pts[min(slopes, key=slopes.__getitem__)][0]
 
     def suggestions(self, method: str = "min_div_10") -> list[float]:
         """The suggestion for every param group (group 0's times each group's ratio)."""
@@ -87,6 +90,9 @@ class RangeTestResult:
         ax.plot(self.lrs, self.smoothed, label="smoothed loss")
         with contextlib.suppress(ValueError):
             ax.axvline(self.suggestion(method), color="red", linestyle="--", label=f"suggestion ({method})")
+        finite = [v for v in self.losses if math.isfinite(v)]
+        if finite and self.smoothed and math.isfinite(self.smoothed[0]):  # keep late spikes from flattening the curve
+            ax.set_ylim(min(finite) - 0.05 * abs(min(finite)), 1.5 * max(self.smoothed[0], min(finite)))
         ax.set_xscale("log")
         ax.set_xlabel("learning rate (param group 0)")
         ax.set_ylabel("training loss")

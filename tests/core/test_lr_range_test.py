@@ -123,6 +123,14 @@ def test_suggestions_on_a_known_curve(tmp_path):
         RangeTestResult(lrs=[1, 2], losses=[1, 2], smoothed=[1, 2]).suggestion()
 
 
+def test_steepest_ignores_the_warming_up_start():
+    lrs = [10 ** (-7 + k * 0.25) for k in range(30)]
+    smoothed = [3.0, 1.0] + [2.9 - 0.01 * k for k in range(18)] + [2.0, 1.2, 0.8, 0.7, 0.65, 0.7, 1.0, 2.0, 4.0, 9.0]
+    r = RangeTestResult(lrs=lrs, losses=smoothed, smoothed=smoothed)
+    assert r.suggestion("steepest") == pytest.approx(lrs[20])  # not lrs[1], the artefact at the start
+    assert r.suggestion("min_div_10") == pytest.approx(lrs[24] / 10)
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [
