@@ -2,6 +2,7 @@
 (:mod:`pl_optim.callbacks`). Nothing in this package imports lightning."""
 
 from pl_optim.amsgrad import set_amsgrad
+from pl_optim.lr_range_test import lr_range_test
 from pl_optim.schedules import one_cycle
 from pl_optim.steps import StepHooks
 from pl_optim.weight_decay import DecoupledDecay, apply_weight_decay
@@ -14,5 +15,6 @@ __all__ = [
     "set_amsgrad",
     "StepHooks",
     "one_cycle",
+    "lr_range_test",
     "__version__",
 ]
