@@ -215,3 +215,20 @@ def test_bad_setup(trainer_kwargs, cb, model, match):
 def test_unbounded_run_needs_total_steps(trainer_kwargs):
     with pytest.raises(ValueError, match="cannot derive the schedule length"):
         fit([OneCycle(0.1)], trainer_kwargs, max_epochs=-1, max_steps=-1)
+
+
+class Stream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        g = torch.Generator().manual_seed(0)
+        while True:
+            yield torch.randn(8, generator=g), torch.randint(0, 3, (), generator=g)
+
+
+def test_iterable_dataset_uses_max_steps(trainer_kwargs):
+    cb = OneCycle(0.1)
+    trainer = pl.Trainer(callbacks=[cb], max_steps=7, limit_val_batches=0, **trainer_kwargs)
+    trainer.fit(TinyClassifier(), train_dataloaders=torch.utils.data.DataLoader(Stream(), batch_size=4))
+    assert cb.totals == [7] and cb.steps == [7]
+    with pytest.raises(ValueError, match=r"cannot derive the schedule length from the Trainer \(got inf\)"):
+        pl.Trainer(callbacks=[OneCycle(0.1)], max_epochs=1, limit_val_batches=0, **trainer_kwargs).fit(
+            TinyClassifier(), train_dataloaders=torch.utils.data.DataLoader(Stream(), batch_size=4))
