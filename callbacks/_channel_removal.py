@@ -9,6 +9,7 @@ Lightning copies the weights — Lightning restores the model before any callbac
 
 from __future__ import annotations
 
+import gc
 import math
 from typing import Any
 
@@ -83,7 +84,10 @@ class ChannelRemoval:
         self._handles = []
 
     def _grab(self, module: nn.Module, args: tuple) -> None:
-        if self._example is None and args:
+        # under DDP Lightning calls the module with `forward` temporarily patched to `training_step`
+        fwd = vars(module).get("forward")
+        patched = fwd is not None and getattr(fwd, "__func__", None) is not type(module).forward
+        if self._example is None and args and not patched:
             self._example = tuple(a.detach() if torch.is_tensor(a) else a for a in args)
 
     @staticmethod
@@ -114,10 +118,12 @@ class ChannelRemoval:
             plan = {k: torch.tensor(v, dtype=torch.long) for k, v in plan.items()}
         if not plan:
             return
+        ddp = isinstance(trainer.strategy, DDPStrategy) and trainer.world_size > 1
+        inner = _drop_ddp(trainer) if ddp else None
         removed = self.remover.remove(plan, trainer.optimizers)
         self.kept = self.remover.kept
-        if isinstance(trainer.strategy, DDPStrategy) and trainer.world_size > 1:
-            _rebuild_ddp(trainer)
+        if ddp:
+            trainer.strategy.model = trainer.strategy._setup_model(inner)
         step = trainer.global_step + 1  # this optimizer step ran; Lightning counts it after the hooks
         for name, n in removed.items():
             self.events.append((step, name, n))
@@ -189,12 +195,15 @@ def _out(m: nn.Module) -> int:
     return m.out_features if isinstance(m, nn.Linear) else m.out_channels
 
 
-def _rebuild_ddp(trainer: Trainer) -> None:
-    """New DDP wrapper (gradient buckets sized for the new shapes) around the same module."""
+def _drop_ddp(trainer: Trainer) -> nn.Module:
+    """Release the DDP wrapper (its reducer holds the parameters and their gradient
+    accumulators) so the surgery can give the parameters fresh autograd state; the caller wraps
+    the returned module again, with gradient buckets sized for the new shapes."""
     strategy = trainer.strategy
     inner = strategy.model.module
-    strategy.model = None  # drop the old reducer (its autograd hooks) before building the new one
-    strategy.model = strategy._setup_model(inner)
+    strategy.model = None
+    gc.collect()
+    return inner
 
 
 def load_compressed(module_cls: type[LightningModule], checkpoint_path: str, **kwargs: Any) -> LightningModule:

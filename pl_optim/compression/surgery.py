@@ -9,7 +9,8 @@ Removing channel set ``R`` of a group (see :mod:`.graph`) keeps the indices ``K 
 * consumers: ``weight[:, K']`` where ``K'`` maps each kept channel to its input features
   (``offset + c * block + j``, ``j < block``; ``block = H*W`` after ``Flatten``).
 
-Every slice is written into the SAME ``nn.Parameter`` (``p.data = p.data.index_select(dim, K)``),
+Every slice is written into the SAME ``nn.Parameter`` object (``torch.utils.swap_tensors`` with
+the sliced tensor, so autograd's per-tensor state starts afresh; see :func:`slice_parameter`),
 and every optimizer state tensor shaped like the parameter (``momentum_buffer``, ``exp_avg``,
 ``exp_avg_sq``, ``max_exp_avg_sq``, ...) and the gradient are sliced the same way; scalar state
 (``step``) is kept. The optimizer therefore continues exactly as if the removed entries had never
@@ -50,9 +51,22 @@ def slice_parameter(
     old_shape = param.shape
     idx = index.to(param.device)
     with torch.no_grad():
-        param.data = param.data.index_select(dim, idx).contiguous()
-        if isinstance(param, nn.Parameter) and param.grad is not None:
-            param.grad = param.grad.index_select(dim, idx).contiguous()
+        if isinstance(param, nn.Parameter):
+            new = nn.Parameter(param.detach().index_select(dim, idx).contiguous(), requires_grad=param.requires_grad)
+            if param.grad is not None:
+                new.grad = param.grad.index_select(dim, idx).contiguous()
+            new.__dict__.update(param.__dict__)
+            # swap rather than `.data =`: the Python object (optimizer key, module attribute)
+            # stays while autograd starts afresh. `.data =` keeps the old gradient accumulator,
+            # whose recorded shape breaks backward when something (DDP's reducer) holds on to it.
+            # A graph that saved the tensor for backward forbids the swap; `.data =` then.
+            try:
+                torch.utils.swap_tensors(param, new)
+            except RuntimeError:
+                param.data = new.data
+                param.grad = new.grad
+        else:
+            param.data = param.data.index_select(dim, idx).contiguous()
         for opt in optimizers:
             state = opt.state.get(param)
             if not state:
