@@ -15,6 +15,7 @@ from lightning.pytorch.loggers import Logger
 from examples.tiny import RandomClassificationData, TinyClassifier
 from pl_optim.callbacks import DecoupledWeightDecay, OneCycle, ParamScheduler
 from pl_optim.schedules import Linear
+from tests.core.test_weight_decay import BAD_ARGUMENTS
 from tests.helpers import InjectInfGrad, fp16_cpu_plugin
 
 
@@ -217,18 +218,7 @@ def test_exclude_by_pattern_and_predicate(trainer_kwargs):
         assert unchanged == kept | {"net.0.bias", "net.2.bias"}
 
 
-@pytest.mark.parametrize(
-    "kwargs,match",
-    [
-        (dict(weight_decay=-1.0), r"`weight_decay` must be a finite number >= 0, got -1.0"),
-        (dict(weight_decay=math.nan), r"`weight_decay` must be a finite number >= 0, got nan"),
-        (dict(weight_decay=math.inf), r"`weight_decay` must be a finite number >= 0, got inf"),
-        (dict(weight_decay="opt"), r"`weight_decay` must be a finite number >= 0, got 'opt'"),
-        (dict(weight_decay=0.1, mode="decoupled"), r"`mode` must be one of .*got 'decoupled'"),
-        (dict(weight_decay=0.1, exclude=1.5), r"`exclude` must be None, a name pattern.*got 1.5"),
-        (dict(weight_decay=0.1, lr_ref=-1), r"`lr_ref` must be None, a finite number > 0.*got -1"),
-    ],
-)
+@pytest.mark.parametrize("kwargs,match", BAD_ARGUMENTS)
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DecoupledWeightDecay(**kwargs)

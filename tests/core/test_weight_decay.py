@@ -228,19 +228,20 @@ def test_unmatched_pattern_warns():
         DecoupledDecay(opt, 0.1, named_parameters=model.named_parameters(), exclude=["bias", "embedding"])
 
 
-@pytest.mark.parametrize(
-    "kwargs,match",
-    [
-        (dict(weight_decay=-0.1), r"`weight_decay` must be a finite number >= 0, got -0.1"),
-        (dict(weight_decay=math.nan), r"`weight_decay` must be a finite number >= 0, got nan"),
-        (dict(weight_decay=math.inf), r"`weight_decay` must be a finite number >= 0, got inf"),
-        (dict(weight_decay="big"), r"`weight_decay` must be a finite number >= 0, got 'big'"),
-        (dict(weight_decay=0.1, mode="adamw"), r"`mode` must be one of .*got 'adamw'"),
-        (dict(weight_decay=0.1, lr_ref=0.0), r"`lr_ref` must be None, a finite number > 0.*got 0.0"),
-        (dict(weight_decay=0.1, exclude=3), r"`exclude` must be None, a name pattern.*got 3"),
-        (dict(weight_decay=0.1, exclude="(["), r"not a valid regular expression"),
-    ],
-)
+#: shared with tests/callbacks/test_decoupled_weight_decay.py (the callback validates the same way)
+BAD_ARGUMENTS = [
+    (dict(weight_decay=-0.1), r"`weight_decay` must be a finite number >= 0, got -0.1"),
+    (dict(weight_decay=math.nan), r"`weight_decay` must be a finite number >= 0, got nan"),
+    (dict(weight_decay=math.inf), r"`weight_decay` must be a finite number >= 0, got inf"),
+    (dict(weight_decay="big"), r"`weight_decay` must be a finite number >= 0, got 'big'"),
+    (dict(weight_decay=0.1, mode="adamw"), r"`mode` must be one of .*got 'adamw'"),
+    (dict(weight_decay=0.1, lr_ref=0.0), r"`lr_ref` must be None, a finite number > 0.*got 0.0"),
+    (dict(weight_decay=0.1, exclude=3), r"`exclude` must be None, a name pattern.*got 3"),
+    (dict(weight_decay=0.1, exclude="(["), r"not a valid regular expression"),
+]
+
+
+@pytest.mark.parametrize("kwargs,match", BAD_ARGUMENTS)
 def test_bad_arguments(kwargs, match):
     opt = torch.optim.SGD(_model().parameters(), lr=0.1)
     with pytest.raises(ValueError, match=match):
