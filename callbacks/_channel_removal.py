@@ -103,7 +103,11 @@ class ChannelRemoval:
         bad_loss, self._bad_loss = self._bad_loss, False
         if self.steps % self.interval:
             return
-        if repaired or bad_loss:
+        ddp = isinstance(trainer.strategy, DDPStrategy) and trainer.world_size > 1
+        skip = bool(repaired or bad_loss)
+        if ddp:  # every rank must take the same branch: the broadcast below is a collective
+            skip = trainer.strategy.reduce_boolean_decision(skip, all=False)
+        if skip:
             rank_zero_warn(f"SelfCompression: non-finite bits/exponent or loss at step {trainer.global_step}; "
                            "no channel removal this step")
             return
@@ -113,12 +117,11 @@ class ChannelRemoval:
         dead = self.dead(pl_module)
         shrink_constants(graph, graph.dead_in_all(dead), self.shift_decay, trainer.optimizers)
         plan = graph.removable(dead, self.atol)
-        if isinstance(trainer.strategy, DDPStrategy) and trainer.world_size > 1:
+        if ddp:
             plan = trainer.strategy.broadcast({k: v.tolist() for k, v in plan.items()}, src=0)
             plan = {k: torch.tensor(v, dtype=torch.long) for k, v in plan.items()}
         if not plan:
             return
-        ddp = isinstance(trainer.strategy, DDPStrategy) and trainer.world_size > 1
         inner = _drop_ddp(trainer) if ddp else None
         removed = self.remover.remove(plan, trainer.optimizers)
         self.kept = self.remover.kept

@@ -30,20 +30,25 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from pl_optim.compression.graph import ChannelGraph, zero_rows
 from pl_optim.compression.quantizer import integer_codes, quantized_layers
 from pl_optim.compression.size import groups_of, live_input_columns
-from pl_optim.compression.surgery import match_shapes
+from pl_optim.compression.surgery import ChannelRemover, match_shapes
 
 MAGIC = b"PLOQ1"
 
 
-def export_compressed(module: nn.Module) -> nn.Module:
+def export_compressed(module: nn.Module, example_input: torch.Tensor | tuple | None = None) -> nn.Module:
     """A deep copy of ``module`` whose quantised layers hold their quantised weights as plain
     ``nn.Parameter``s (quantiser parameters and parametrizations removed).
 
     Args:
         module: a network carrying quantisers (pass the network, e.g. ``pl_module.net``, or the
             LightningModule itself when it is not attached to a running Trainer).
+        example_input: an input of ``module`` (or a tuple of them). When given, dead channels still
+            present (zero weight rows whose constant contribution is exactly 0, see
+            :mod:`.graph`) are removed from the copy, which then has fewer channels and the same
+            outputs. Channels removed during training are gone already.
 
     Returns:
         The plain module; ``module`` itself is unchanged.
@@ -65,6 +70,10 @@ def export_compressed(module: nn.Module) -> nn.Module:
         cls = type(layer)
         layer.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
         parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
+    if example_input is not None:
+        args = example_input if isinstance(example_input, tuple) else (example_input,)
+        graph = ChannelGraph(plain, *args)
+        ChannelRemover(graph).remove(graph.removable(zero_rows(plain, graph)))
     return plain
 
 

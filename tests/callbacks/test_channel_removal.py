@@ -153,7 +153,7 @@ def test_checkpoint_resume_is_bit_identical_and_loads_for_inference(trainer_kwar
 def test_non_finite_loss_skips_removal():
     removal = ChannelRemoval()
     removal.on_before_backward(torch.tensor(float("nan")))
-    trainer = SimpleNamespace(global_step=3)
+    trainer = SimpleNamespace(global_step=3, strategy=None, world_size=1)
     with pytest.warns(UserWarning, match="no channel removal this step"):
         removal.after_step(trainer, None, repaired=0)
     assert removal.graph is None and not removal.events

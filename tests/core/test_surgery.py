@@ -132,3 +132,19 @@ def test_apply_kept_rebuilds_shapes_for_state_dict():
     torch.testing.assert_close(fresh(X), net(X))
     with pytest.raises(ValueError, match="not in the model"):
         apply_kept(nn.Sequential(), remover.kept)
+
+
+def test_export_removes_dead_channels_exactly():
+    from pl_optim.compression import attach_quantizers
+    from pl_optim.compression.export import export_compressed
+
+    net = nets()["resnet9"]
+    graph = ChannelGraph(net, X)
+    kill(graph, [0, 6])
+    attach_quantizers(net, init_bits=8)
+    net.eval()
+    plain = export_compressed(net)
+    small = export_compressed(net, X)
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in plain.parameters())
+    assert small[0][0].out_channels == 6 and small[6].in_features == 6
+    torch.testing.assert_close(small(X), plain(X), atol=1e-5, rtol=0)
