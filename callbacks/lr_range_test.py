@@ -25,7 +25,9 @@ class LRRangeTest(Callback):
     sweep at divergence (see :func:`pl_optim.lr_range_test.lr_range_test`). The suggestion
     (``result.suggestions()``, one lr per param group) feeds :class:`~pl_optim.callbacks.OneCycle`
     with ``OneCycle(max_lr="find")``. Under DDP each rank sweeps its own shard without gradient
-    sync; rank 0's suggestion is broadcast. A resumed run does not sweep again.
+    sync; rank 0's suggestion is broadcast. A resumed run does not sweep again. Each sweep step is
+    one batch (no gradient accumulation, no gradient clipping) and the optimizer's step hooks are
+    suspended meanwhile, so schedulers and decoupled weight decay never see the sweep.
 
     Args:
         min_lr: first lr (group 0).

@@ -196,3 +196,29 @@ def test_bad_setup(trainer_kwargs, sched, model, match):
 def test_two_instances_have_distinct_state_keys():
     a, b = ParamScheduler({"lr": Constant(0.1)}), ParamScheduler({"weight_decay": Constant(0.1)})
     assert a.state_key != b.state_key and OneCycle(0.1).state_key != a.state_key
+
+
+def test_one_scheduler_per_optimizer(trainer_kwargs):
+    a = ParamScheduler({"lr": Cosine(0.1, 0.0)}, optimizers=0)
+    b = ParamScheduler({"lr": Linear(1e-3, 0.0)}, optimizers=[1])
+    probe = Probe(fields=("lr",))
+    fit([a, b, probe], trainer_kwargs, ManualTwoOptimizers(), max_epochs=1, limit_train_batches=4)
+    assert (a.steps, b.steps) == ([4], [2]) and a.state_key != b.state_key
+    assert [r[1] for r in probe.trace if r[0] == 1] == [Linear(1e-3, 0.0)(k, 4) for k in range(2)]
+
+
+def test_schedules_from_the_cli(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from examples.cli import main
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])
+    schedules = ('{"lr": {"class_path": "pl_optim.schedules.Cosine", "init_args": {"start": 0.01, "end": 0.0001}},'
+                 ' "weight_decay": {"class_path": "pl_optim.schedules.Constant", "init_args": {"value": 0.01}}}')
+    cli = main(["fit", "--config", "examples/configs/digits_convnet.yaml", "--trainer.max_epochs=1",
+                "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=1", f"--trainer.default_root_dir={tmp_path}",
+                "--trainer.callbacks+=pl_optim.callbacks.ParamScheduler", f"--trainer.callbacks.schedules={schedules}"])
+    cb = next(c for c in cli.trainer.callbacks if isinstance(c, ParamScheduler))
+    assert cb.schedules == {"lr": Cosine(0.01, 0.0001), "weight_decay": Constant(0.01)} and cb.steps == [3]
+    group = cli.trainer.optimizers[0].param_groups[0]
+    assert (group["lr"], group["weight_decay"]) == (Cosine(0.01, 0.0001)(2, 3), 0.01)
