@@ -172,3 +172,24 @@ def test_non_finite_loss_skips_removal():
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match.replace("(", r"\(").replace(")", r"\)")):
         SelfCompression(1.0, **kwargs)
+
+
+class GatedModule(TinyConvNet):
+    """TinyConvNet whose forward gates the first block by a sigmoid of itself (unsupported)."""
+
+    def forward(self, x):
+        h = self.net[0](x)
+        h = h * torch.sigmoid(h)
+        return self.net[4](self.net[3](self.net[2](self.net[1](h))))
+
+
+def test_unsupported_pattern_warns_once_and_keeps_channels(trainer_kwargs):
+    model = GatedModule(optimizer="adam", lr=0.05)
+    callback = _shrinking()
+    trainer = pl.Trainer(max_steps=24, callbacks=[callback], **trainer_kwargs)
+    with pytest.warns(UserWarning, match="keeps the channels involved in") as record:
+        trainer.fit(model, datamodule=_data())
+    assert len([w for w in record if "keeps the channels" in str(w.message)]) == len(callback.removal.graph.unsupported) - 1
+    assert model.net[0][0].out_channels == 8  # gated: frozen
+    assert callback.removal.dead(model)["net.0.0"].any()  # although some of its channels died
+    assert model.net[1][0].out_channels < 8  # the supported part still shrank
