@@ -232,3 +232,18 @@ def test_iterable_dataset_uses_max_steps(trainer_kwargs):
     with pytest.raises(ValueError, match=r"cannot derive the schedule length from the Trainer \(got inf\)"):
         pl.Trainer(callbacks=[OneCycle(0.1)], max_epochs=1, limit_val_batches=0, **trainer_kwargs).fit(
             TinyClassifier(), train_dataloaders=torch.utils.data.DataLoader(Stream(), batch_size=4))
+
+
+def test_mid_epoch_resume_continues_the_trace(trainer_kwargs, tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    kw = {**trainer_kwargs, "max_epochs": 2, "limit_train_batches": 6, "limit_val_batches": 0}
+    full = Probe()
+    fit([OneCycle(0.1), full], kw, TinyClassifier(optimizer="adam"))
+    p1 = Probe()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=4, save_top_k=-1, filename="{step}")
+    fit([OneCycle(0.1), p1, ckpt], {**kw, "enable_checkpointing": True}, TinyClassifier(optimizer="adam"))
+    p2, cb = Probe(), OneCycle(0.1)
+    fit([cb, p2], kw, TinyClassifier(optimizer="adam"), ckpt_path=str(tmp_path / "step=4.ckpt"))
+    assert cb.steps == [12] and cb.totals == [12]
+    assert p1.trace[:4] + p2.trace == full.trace
