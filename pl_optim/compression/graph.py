@@ -52,6 +52,7 @@ _ZERO_POOL = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.Dropout, nn.Dropout1d
 _MAX_POOL_FN = {F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
                 F.adaptive_max_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d}
 _ZERO_POOL_FN = {F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.dropout}
+_REDUCE = {torch.mean, torch.amax, torch.sum}
 _ADD = {operator.add, operator.iadd, torch.add, operator.sub, operator.isub, torch.sub}
 _MUL = {operator.mul, operator.imul, torch.mul}
 
@@ -114,13 +115,14 @@ class ChannelGraph:
             gm = fx.symbolic_trace(model)
         except Exception as exc:  # noqa: BLE001 - fx raises many types; report them uniformly
             raise ValueError(f"channel removal needs a torch.fx-traceable model: {type(exc).__name__}: {exc}") from exc
-        was_training = model.training
+        modes = {m: m.training for m in model.modules()}
         model.eval()
         try:
             with torch.no_grad():
                 ShapeProp(gm).propagate(*example_args)
         finally:
-            model.train(was_training)
+            for m, training in modes.items():
+                m.training = training
         self.model = model
         self.modules = dict(model.named_modules())
         self.unsupported: list[str] = []
@@ -242,6 +244,8 @@ class ChannelGraph:
             return _extend(src, _keep_const)
         if node.op == "call_function" and target in _ZERO_POOL_FN:
             return _extend(src, _keep_zero)
+        if target in _REDUCE or target in ("mean", "amax", "sum") and node.op == "call_method":
+            return self._reduce(node, src, desc)
         if target in (torch.flatten, "flatten", "view", "reshape"):
             return self._flatten(node, src, shape, None, None, desc)
         raise _Unsupported(f"unsupported op {desc}")
@@ -293,6 +297,18 @@ class ChannelGraph:
             raise _Unsupported(f"reshape {desc} is not a flatten to [N, C*H*W]")
         self._close(src)
         return _Val([(s, ()) for s, _ in src.segs], block=math.prod(in_shape[2:]))
+
+    def _reduce(self, node, src: _Val, desc) -> _Val:
+        """``x.mean((2, 3))`` and friends over spatial dims only: channels stay on dim 1."""
+        in_shape = _shape(node.args[0])
+        dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+        dims = (dims,) if isinstance(dims, int) else dims
+        if src.block is not None or in_shape is None or not isinstance(dims, (tuple, list)) or any(
+            not isinstance(d, int) or d % len(in_shape) < 2 for d in dims
+        ) or set(node.kwargs) - {"dim", "keepdim"}:
+            raise _Unsupported(f"{desc} over the batch or channel dim")
+        name = getattr(node.target, "__name__", node.target)
+        return _extend(src, _keep_zero if name == "sum" else _keep_const)
 
     def _add(self, node, vals, tracked, desc) -> _Val:
         tensors = [a for a in node.args if isinstance(a, fx.Node)]

@@ -121,3 +121,34 @@ def test_untraceable_model_is_a_clear_error():
 
     with pytest.raises(ValueError, match="torch.fx-traceable"):
         ChannelGraph(Branchy(), X)
+
+
+def test_spatial_mean_then_linear_and_modes_restored():
+    class MeanNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 6, 3, padding=1)
+            self.bn = nn.BatchNorm2d(6)
+            self.head = nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+    net = MeanNet()
+    net.bn.eval()  # a user's frozen BatchNorm stays frozen after the analysis
+    graph = ChannelGraph(net, X)
+    assert net.training and not net.bn.training
+    g = _group_of(graph, "conv")
+    assert not g.frozen and [(c.name, c.block) for c in g.consumers] == [("head", 1)]
+    kill(graph, [2])
+    assert graph.removable(zero_rows(net, graph))[0].tolist() == [2]
+    assert "mean" in " ".join(ChannelGraph(_AllMean(), X).unsupported)
+
+
+class _AllMean(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+
+    def forward(self, x):
+        return self.conv(x).mean(1)
