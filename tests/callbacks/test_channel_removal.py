@@ -193,3 +193,10 @@ def test_unsupported_pattern_warns_once_and_keeps_channels(trainer_kwargs):
     assert model.net[0][0].out_channels == 8  # gated: frozen
     assert callback.removal.dead(model)["net.0.0"].any()  # although some of its channels died
     assert model.net[1][0].out_channels < 8  # the supported part still shrank
+
+
+@pytest.mark.parametrize("strategy", ["FSDPStrategy", "DeepSpeedStrategy"])
+def test_sharded_strategies_refused_at_setup(strategy):
+    trainer = SimpleNamespace(strategy=type(strategy, (), {})())
+    with pytest.raises(RuntimeError, match=f"does not support strategy {strategy}.*supported: single device, 'ddp'"):
+        _shrinking().setup(trainer, TinyConvNet(), "fit")
