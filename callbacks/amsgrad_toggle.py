@@ -10,7 +10,7 @@ from lightning.pytorch import LightningModule, Trainer
 
 from pl_optim.amsgrad import amsgrad_enabled, check_amsgrad_support, set_amsgrad
 from pl_optim.callbacks._base import StepHookCallback
-from pl_optim.callbacks.decoupled_weight_decay import group_metric_names
+from pl_optim.callbacks.decoupled_weight_decay import group_metric_names, log_step_metrics
 
 INTERVALS = ("epoch", "step")
 
@@ -39,7 +39,7 @@ class AMSGradToggle(StepHookCallback):
         schedule: ``{time: enabled}``; times are integers >= 0 (epochs or steps).
         interval: ``"epoch"`` or ``"step"``.
         optimizers: index or indices of the trainer's optimizers to act on (``None``: all).
-        log: log the setting through ``pl_module.log``.
+        log: send the setting to the trainer's loggers after each step that ran.
 
     Raises:
         ValueError: bad ``schedule``/``interval``/``optimizers`` (at construction); an optimizer
@@ -76,6 +76,7 @@ class AMSGradToggle(StepHookCallback):
         self.optimizer_indices = None if indices is None else list(indices)
         self.log = bool(log)
         self.steps: list[int] = []  # optimizer steps that ran, per optimizer
+        self._stepped: set[int] = set()  # optimizers that stepped in the current batch
 
     def _targets(self, trainer: Trainer) -> list[int]:
         n = len(trainer.optimizers)
@@ -112,13 +113,15 @@ class AMSGradToggle(StepHookCallback):
 
     def after_step(self, trainer: Trainer, index: int, optimizer: torch.optim.Optimizer) -> None:
         self.steps[index] += 1
+        self._stepped.add(index)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         if self.log:
-            names = group_metric_names("amsgrad", trainer.optimizers)
-            for i in self._targets(trainer):
-                for name, on in zip(names[i], amsgrad_enabled(trainer.optimizers[i])):
-                    pl_module.log(name, float(on), on_step=True, on_epoch=False)
+            names, metrics = group_metric_names("amsgrad", trainer.optimizers), {}
+            for i in sorted(self._stepped.intersection(self._targets(trainer))):
+                metrics.update((name, float(on)) for name, on in zip(names[i], amsgrad_enabled(trainer.optimizers[i])))
+            log_step_metrics(trainer, metrics)
+        self._stepped.clear()
 
     def state_dict(self) -> dict[str, Any]:
         return {"steps": list(self.steps)}

@@ -34,6 +34,16 @@ def group_metric_names(prefix: str, optimizers: Sequence[torch.optim.Optimizer])
     return names
 
 
+def log_step_metrics(trainer: Trainer, metrics: dict[str, float]) -> None:
+    """Send ``metrics`` to every logger at the current optimizer-step index, the way
+    ``LearningRateMonitor`` does (respecting ``log_every_n_steps``). Direct logger calls rather
+    than ``pl_module.log``: Lightning re-emits a step metric's last value at later steps, which
+    would report a decay (or an AMSGrad state) for steps that never ran."""
+    if metrics and trainer._logger_connector.should_update_logs:
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
+
+
 class DecoupledWeightDecay(Callback):
     r"""Decoupled weight decay for any torch optimizer (Loshchilov & Hutter).
 
@@ -65,7 +75,8 @@ class DecoupledWeightDecay(Callback):
         lr_ref: reference LR of ``"lr_ratio"``: a number, one per param group, or ``None`` for each
             group's ``lr`` at fit start (pass e.g. ``max_lr`` when a warmup has lowered ``lr`` by then).
         foreach: use the ``torch._foreach_*`` fast path (``False``: plain loop).
-        log: log the effective decay per group each step through ``pl_module.log``.
+        log: send the effective decay per group to the trainer's loggers after each step that
+            ran (every ``log_every_n_steps``).
 
     Raises:
         ValueError: a bad argument (at construction); at fit start, a param group whose own
@@ -136,11 +147,12 @@ class DecoupledWeightDecay(Callback):
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         names = group_metric_names("wd_effective", trainer.optimizers) if self.log else []
+        metrics = {}
         for index, decay in enumerate(self.decays):
             if self.log and decay.steps != self._logged_steps[index]:  # a step ran in this batch
-                for name, value in zip(names[index], decay.last_coefficients):
-                    pl_module.log(name, value, on_step=True, on_epoch=False)
+                metrics.update(zip(names[index], decay.last_coefficients))
             self._logged_steps[index] = decay.steps
+        log_step_metrics(trainer, metrics)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._remove_hooks()
