@@ -53,7 +53,11 @@ class SelfCompression(StepHookCallback):
         gamma: weight of the size loss, ``>= 0`` (larger: smaller, less accurate networks).
         init_bits: initial bit depth of every channel, ``> 0``.
         exclude: qualified names (in ``pl_module.named_modules()``) of layers to keep in float.
-        lr: learning rate of ``bits``/``exponent`` (None: see above).
+        lr: learning rate of ``bits`` (and of ``exponent`` unless ``exponent_lr`` is given; None:
+            see above).
+        exponent_lr: learning rate of ``exponent`` in a group of its own (None: with ``bits``).
+            With Adam a small one (about the weights' lr) keeps accuracy: ``e`` gets noisy
+            straight-through gradients, and Adam moves it by ~lr per step whatever their size.
         optimizer_index: the optimizer that receives the new param group.
         plot_path: where to save the PNG (default ``<default_root_dir>/self_compression_size.png``);
             ``False`` disables it.
@@ -79,6 +83,7 @@ class SelfCompression(StepHookCallback):
         init_bits: float = 8.0,
         exclude: Iterable[str] = (),
         lr: float | None = None,
+        exponent_lr: float | None = None,
         optimizer_index: int = 0,
         plot_path: str | Path | bool | None = None,
         remove_channels: bool = False,
@@ -93,17 +98,21 @@ class SelfCompression(StepHookCallback):
         self.exclude = list(exclude)
         if not all(isinstance(x, str) for x in self.exclude):
             raise ValueError(f"`exclude` must be layer names (strings), got {self.exclude!r}")
-        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0):
-            raise ValueError(f"`lr` must be a positive finite number or None, got {lr!r}")
+        for name, value in (("lr", lr), ("exponent_lr", exponent_lr)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0
+            ):
+                raise ValueError(f"`{name}` must be a positive finite number or None, got {value!r}")
         if isinstance(optimizer_index, bool) or not isinstance(optimizer_index, int) or optimizer_index < 0:
             raise ValueError(f"`optimizer_index` must be an integer >= 0, got {optimizer_index!r}")
         self.gamma = float(gamma)
         self.lr = lr
+        self.exponent_lr = exponent_lr
         self.optimizer_index = optimizer_index
         self.plot_path = plot_path
         self.history: list[dict[str, float]] = []
         self.report: list[dict[str, Any]] = []
-        self._group: dict | None = None
+        self._groups: list[tuple[dict, float | None]] = []
         self._saved: list[torch.Tensor] = []
         self.plot: Path | None = None
         if not isinstance(remove_channels, bool):
@@ -130,9 +139,9 @@ class SelfCompression(StepHookCallback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
-        self._group = self._place_parameters(trainer, pl_module)
+        self._groups = self._place_parameters(trainer, pl_module)
 
-    def _place_parameters(self, trainer: Trainer, pl_module: LightningModule) -> dict | None:
+    def _place_parameters(self, trainer: Trainer, pl_module: LightningModule) -> list[tuple[dict, float | None]]:
         params = quantizer_parameters(pl_module)
         ids = {id(p) for p in params}
         holders = {i for i, opt in enumerate(trainer.optimizers) for g in opt.param_groups for p in g["params"] if id(p) in ids}
@@ -142,8 +151,8 @@ class SelfCompression(StepHookCallback):
                 "configure_optimizers put only some of the quantiser parameters (bits/exponent) into optimizers; "
                 "supported: all of them in one optimizer, or none (SelfCompression then adds them)"
             )
-        if held and self.lr is None:
-            return None
+        if held and self.lr is None and self.exponent_lr is None:
+            return []
         index = holders.pop() if held else self.optimizer_index
         if index >= len(trainer.optimizers):
             raise ValueError(f"`optimizer_index` {index} is out of range: the trainer has {len(trainer.optimizers)} optimizer(s)")
@@ -151,12 +160,16 @@ class SelfCompression(StepHookCallback):
         for group in opt.param_groups:
             group["params"] = [p for p in group["params"] if id(p) not in ids]
         lr = self.lr if self.lr is not None else opt.param_groups[0]["lr"]
-        opt.add_param_group({"params": params, "lr": lr, "weight_decay": 0.0})
-        return opt.param_groups[-1]
+        split = [(params[0::2], lr, self.lr), (params[1::2], self.exponent_lr, self.exponent_lr)]
+        groups = [(params, lr, self.lr)] if self.exponent_lr is None else split
+        for group_params, group_lr, _ in groups:
+            opt.add_param_group({"params": group_params, "lr": group_lr, "weight_decay": 0.0})
+        return [(opt.param_groups[i - len(groups)], fixed) for i, (_, _, fixed) in enumerate(groups)]
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._group is not None and self.lr is not None:
-            self._group["lr"] = self.lr  # the configured lr wins over a restored optimizer state
+        for group, lr in self._groups:
+            if lr is not None:
+                group["lr"] = lr  # the configured lr wins over a restored optimizer state
 
     # --- every optimizer step ----------------------------------------------------------------
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer) -> None:

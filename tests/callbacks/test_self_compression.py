@@ -85,6 +85,16 @@ def test_own_group_with_lr_moves_them_out(trainer_kwargs):
     assert {id(p) for p in groups[1]["params"]} == quant and not quant & {id(p) for p in groups[0]["params"]}
 
 
+def test_exponent_lr_gets_its_own_group(trainer_kwargs):
+    model = TinyConvNet(optimizer="adam", lr=1e-3)
+    trainer = _fit(trainer_kwargs, model, SelfCompression(1.0, lr=0.25, exponent_lr=0.002), limit_train_batches=2)
+    groups = trainer.optimizers[0].param_groups
+    assert [g["lr"] for g in groups] == [1e-3, 0.25, 0.002]
+    layers = quantized_layers(model).values()
+    assert {id(p) for p in groups[1]["params"]} == {id(q.bits) for _, q in layers}
+    assert {id(p) for p in groups[2]["params"]} == {id(q.exponent) for _, q in layers}
+
+
 def test_group_added_when_configure_optimizers_left_them_out(trainer_kwargs):
     model = BitsOnlyOptimizer()
     bits_before = [p.detach().clone() for p in quantizer_parameters(model)] if quantized_layers(model) else None
@@ -177,6 +187,7 @@ def test_resume_from_checkpoint_restores_quantisers(trainer_kwargs, tmp_path):
         (dict(gamma=1.0, init_bits=0), r"`init_bits` must be a positive finite number, got 0"),
         (dict(gamma=1.0, init_bits=-2.5), r"`init_bits` must be a positive finite number, got -2.5"),
         (dict(gamma=1.0, lr=0.0), r"`lr` must be a positive finite number or None, got 0.0"),
+        (dict(gamma=1.0, exponent_lr=float("nan")), r"`exponent_lr` must be a positive finite number or None, got nan"),
         (dict(gamma=1.0, optimizer_index=-1), r"`optimizer_index` must be an integer >= 0, got -1"),
         (dict(gamma=1.0, exclude=[3]), r"`exclude` must be layer names \(strings\), got \[3\]"),
     ],
