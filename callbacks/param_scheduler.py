@@ -43,7 +43,9 @@ class ParamScheduler(StepHookCallback):
         schedules: field -> schedule, or a list of one schedule per param group. Fields:
             ``"lr"``, ``"momentum"`` (``betas[0]`` on Adam-likes), ``"betas[0]"``/``"beta1"``,
             ``"betas[1]"``/``"beta2"``, ``"weight_decay"`` or any custom param-group key.
-        multipliers: field -> one factor per param group (discriminative learning rates).
+        multipliers: field -> one factor per param group (discriminative learning rates), or
+            ``"initial"``: each group's value at the start of training (saved in the checkpoint),
+            so that e.g. ``{"lr": Cosine(1.0, 0.01)}`` scales the lrs ``configure_optimizers`` set.
         total_steps: schedule length in optimizer steps (one int, or one per optimizer);
             default: derived from the Trainer.
         optimizers: indices of the optimizers to drive (default: all); each has its own counter.
@@ -67,7 +69,7 @@ class ParamScheduler(StepHookCallback):
     def __init__(
         self,
         schedules: Mapping[str, Schedule | Sequence[Schedule]],
-        multipliers: Mapping[str, Sequence[float]] | None = None,
+        multipliers: Mapping[str, Sequence[float] | str] | None = None,
         total_steps: int | Sequence[int] | None = None,
         optimizers: int | Sequence[int] | None = None,
         on_resume: str = "checkpoint",
@@ -78,8 +80,11 @@ class ParamScheduler(StepHookCallback):
             items = s if isinstance(s, (list, tuple)) else [s]
             if not isinstance(field, str) or not items or not all(callable(x) for x in items):
                 raise ValueError(f"`schedules[{field!r}]` must be a schedule or a list of schedules, got {s!r}")
-        if multipliers is not None and not isinstance(multipliers, Mapping):
-            raise ValueError(f"`multipliers` must be a dict field -> per-group factors, got {multipliers!r}")
+        if multipliers is not None and (
+            not isinstance(multipliers, Mapping)
+            or any(isinstance(m, str) and m != "initial" for m in multipliers.values())
+        ):
+            raise ValueError(f"`multipliers` must be a dict field -> per-group factors or 'initial', got {multipliers!r}")
         self.schedules, self.multipliers = dict(schedules), dict(multipliers or {})
         self._init_common(total_steps, optimizers, on_resume)
 
@@ -107,6 +112,7 @@ class ParamScheduler(StepHookCallback):
         self._warned: set[int] = set()
         self._rewrite = False
         self._state_key: str | None = None
+        self._initial: dict[str, list[float]] = {}  # "initial" multipliers, "<optimizer>/<field>"
 
     @property
     def state_key(self) -> str:
@@ -155,10 +161,14 @@ class ParamScheduler(StepHookCallback):
         self._writers = {}
         for i in indices:
             schedules, multipliers = self.schedules_for(trainer, opts[i])
+            saved = (self._loaded or {}).get("initial", {})  # "initial" factors of the resumed run
+            multipliers = {f: saved.get(f"{i}/{f}", m) if m == "initial" else m for f, m in multipliers.items()}
             try:
                 self._writers[i] = GroupWriter(opts[i], schedules, multipliers)
             except ValueError as err:
                 raise ValueError(f"{type(self).__name__}, optimizer {i}: {err}") from err
+        self._initial = {f"{i}/{f}": w.multipliers[f] for i, w in self._writers.items()
+                         for f, m in self.multipliers.items() if m == "initial"}
         self._check_overlap(trainer)
         self.steps, self.totals = self._resume_state(trainer, len(indices))
         self._warned = set()
@@ -235,7 +245,8 @@ class ParamScheduler(StepHookCallback):
         self._writers = {}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"steps": list(self.steps), "totals": list(self.totals)}
+        return {"steps": list(self.steps), "totals": list(self.totals), "initial": dict(self._initial)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._loaded = {"steps": [int(s) for s in state_dict["steps"]], "totals": [int(t) for t in state_dict["totals"]]}
+        self._loaded = {"steps": [int(s) for s in state_dict["steps"]], "totals": [int(t) for t in state_dict["totals"]],
+                        "initial": {k: [float(v) for v in vs] for k, vs in state_dict.get("initial", {}).items()}}

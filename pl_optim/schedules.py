@@ -438,7 +438,9 @@ class GroupWriter:
         schedules: field -> a schedule, or a list with one schedule per param group. Fields:
             ``"lr"``, ``"momentum"`` (``betas[0]`` on Adam-likes), ``"betas[0]"``/``"beta1"``,
             ``"betas[1]"``/``"beta2"``, ``"weight_decay"``, or any existing custom key.
-        multipliers: field -> one factor per param group.
+        multipliers: field -> one factor per param group, or ``"initial"``: each group's current
+            value of the field (schedules then act as factors of what ``configure_optimizers``
+            set, e.g. ``Cosine(1.0, 0.0)`` on discriminative lrs).
 
     Raises:
         ValueError: a missing field, or a per-group list of the wrong length.
@@ -453,7 +455,7 @@ class GroupWriter:
         self,
         optimizer: torch.optim.Optimizer,
         schedules: Mapping[str, Schedule | Sequence[Schedule]],
-        multipliers: Mapping[str, Sequence[float]] | None = None,
+        multipliers: Mapping[str, Sequence[float] | str] | None = None,
     ) -> None:
         self.optimizer = optimizer
         groups = optimizer.param_groups
@@ -465,17 +467,21 @@ class GroupWriter:
         # one entry per (group, field): (group dict, setter, schedule, multiplier)
         self.entries: list[tuple[dict, Callable[[dict, float], None], Schedule, float]] = []
         self.keys: dict[str, str] = {}
+        self.multipliers: dict[str, list[float]] = {}
         for field, sched in schedules.items():
             key = resolve_field(optimizer, field)
             self.keys[field] = key
             per_group = list(sched) if isinstance(sched, (list, tuple)) else [sched] * n
             if len(per_group) != n:
                 raise ValueError(f"`{field}` has {len(per_group)} schedules but the optimizer has {n} param groups")
-            mults = list(multipliers.get(field, [1.0] * n))
+            given = multipliers.get(field, [1.0] * n)
+            # "initial": each group's current value (e.g. discriminative lrs from configure_optimizers)
+            mults = [read_field(g, key) for g in groups] if given == "initial" else list(given)
             if len(mults) != n:
                 raise ValueError(f"`multipliers[{field!r}]` has {len(mults)} values but the optimizer has {n} param groups, got {mults!r}")
             for m in mults:
                 _finite(f"multipliers[{field!r}]", m)
+            self.multipliers[field] = [float(m) for m in mults]
             setter = _setter(key)
             for group, s, m in zip(groups, per_group, mults):
                 self.entries.append((group, setter, _check_schedule(field, s), float(m)))

@@ -12,7 +12,7 @@ from lightning.pytorch.loggers import Logger
 from examples.tiny import TinyClassifier
 from pl_optim.callbacks import OneCycle, ParamScheduler, StepHookCallback
 from pl_optim.schedules import Constant, Cosine, Linear, one_cycle
-from tests.callbacks.test_one_cycle import Probe, fit
+from tests.callbacks.test_one_cycle import Probe, StopAfterEpoch, fit
 
 
 class TwoGroups(TinyClassifier):
@@ -166,7 +166,8 @@ def test_weight_decay_schedule_survives_a_zero_restore_hook(trainer_kwargs, firs
     [
         ({"schedules": {}}, r"`schedules` must be a non-empty dict field -> schedule, got \{\}"),
         ({"schedules": {"lr": 0.1}}, r"`schedules\['lr'\]` must be a schedule or a list of schedules, got 0.1"),
-        ({"multipliers": [0.1, 1.0]}, r"`multipliers` must be a dict field -> per-group factors, got \[0.1, 1.0\]"),
+        ({"multipliers": [0.1, 1.0]}, r"`multipliers` must be a dict field -> per-group factors or 'initial', got \[0.1, 1.0\]"),
+        ({"multipliers": {"lr": "first"}}, r"`multipliers` must be a dict .* got \{'lr': 'first'\}"),
         ({"total_steps": [10, 0]}, r"`total_steps` must be a positive int or a list of them, got \[10, 0\]"),
         ({"total_steps": 2.5}, r"`total_steps` must be a positive int or a list of them, got 2.5"),
         ({"optimizers": "all"}, r"`optimizers` must be an optimizer index or a list of them, got 'all'"),
@@ -222,3 +223,24 @@ def test_schedules_from_the_cli(tmp_path, monkeypatch):
     assert cb.schedules == {"lr": Cosine(0.01, 0.0001), "weight_decay": Constant(0.01)} and cb.steps == [3]
     group = cli.trainer.optimizers[0].param_groups[0]
     assert (group["lr"], group["weight_decay"]) == (Cosine(0.01, 0.0001)(2, 3), 0.01)
+
+
+def test_initial_multipliers_scale_the_configured_values_and_survive_resume(trainer_kwargs, tmp_path):
+    class Discriminative(TinyClassifier):
+        def configure_optimizers(self):
+            return torch.optim.SGD([{"params": self.net[0].parameters(), "lr": 0.01},
+                                    {"params": self.net[2].parameters(), "lr": 0.1}], lr=0.1)
+
+    def run(**kw):
+        probe = Probe(fields=("lr",))
+        trainer, _ = fit([ParamScheduler({"lr": Cosine(1.0, 0.0)}, multipliers={"lr": "initial"}), probe, *kw.pop("extra", [])],
+                         trainer_kwargs, Discriminative(), limit_train_batches=2, max_epochs=4, **kw)
+        return trainer, probe
+
+    _, full = run()
+    c = Cosine(1.0, 0.0)
+    assert full.trace == [(0, 0.01 * c(k, 8), 0.1 * c(k, 8)) for k in range(8)]
+    t1, first = run(extra=[StopAfterEpoch(1)])
+    t1.save_checkpoint(tmp_path / "half.ckpt")
+    _, second = run(ckpt_path=str(tmp_path / "half.ckpt"))  # the groups now hold scheduled lrs
+    assert first.trace + second.trace == full.trace

@@ -202,3 +202,12 @@ def test_group_writer_fields_multipliers_and_custom_keys():
 def test_group_writer_bad_input(schedules, multipliers, match):
     with pytest.raises(ValueError, match=match):
         GroupWriter(_groups(2), schedules, multipliers)
+
+
+def test_group_writer_initial_multipliers():
+    opt = _groups(2, torch.optim.SGD, momentum=0.9)
+    opt.param_groups[0]["lr"], opt.param_groups[1]["lr"] = 0.01, 0.1
+    w = GroupWriter(opt, {"lr": Linear(1.0, 0.0)}, {"lr": "initial"})
+    assert w.multipliers == {"lr": [0.01, 0.1]}
+    w.apply(5, 10)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.005, 0.05])
