@@ -200,3 +200,17 @@ def test_sharded_strategies_refused_at_setup(strategy):
     trainer = SimpleNamespace(strategy=type(strategy, (), {})())
     with pytest.raises(RuntimeError, match=f"does not support strategy {strategy}.*supported: single device, 'ddp'"):
         _shrinking().setup(trainer, TinyConvNet(), "fit")
+
+
+def test_fp16_skipped_steps_do_not_count_and_removal_works(trainer_kwargs):
+    from tests.helpers import InjectInfGrad, fp16_cpu_plugin
+
+    model = TinyConvNet(optimizer="adam", lr=0.05)
+    callback = _shrinking()
+    trainer = pl.Trainer(max_epochs=3, limit_train_batches=8, plugins=[fp16_cpu_plugin()],
+                         callbacks=[InjectInfGrad({2}), callback], **trainer_kwargs)
+    trainer.fit(model, datamodule=_data())
+    ran = int(trainer.optimizers[0].state[model.net[4].bias]["step"])  # Adam counts the steps that ran
+    assert callback.removal.steps == ran < 3 * 8  # GradScaler-skipped steps (the injected inf, too) don't count
+    assert callback.removal.events and model.net[0][0].out_channels < 8
+    assert torch.isfinite(model(X)).all()
