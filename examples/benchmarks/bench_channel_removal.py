@@ -29,6 +29,7 @@ from lightning.pytorch import Callback
 
 from examples.compress_digits import DEFAULTS, CompressibleDigitsConvNet, _accuracy
 from examples.data import DigitsDataModule
+from examples.models import ResNet9
 from pl_optim.callbacks import SelfCompression
 from pl_optim.callbacks._channel_removal import ChannelRemoval
 from pl_optim.compression import compression_stats, export_compressed
@@ -91,10 +92,25 @@ def _latency(net: torch.nn.Module, batch: int, reps: int) -> float:
     return statistics.median(times)
 
 
+class CompressibleResNet9(ResNet9):
+    """The ResNet-9 shape on 1-channel digits with the same optimizer recipe as
+    :class:`examples.compress_digits.CompressibleDigitsConvNet` (AdamW, cosine, quantiser group)."""
+
+    configure_optimizers = CompressibleDigitsConvNet.configure_optimizers
+
+    def __init__(self, epochs: int, quant_lr: float, widths: tuple[int, ...], **kwargs) -> None:
+        super().__init__(widths=widths, in_channels=1, optimizer="adamw", **kwargs)
+        self.epochs, self.quant_lr, self.exponent_lr = epochs, quant_lr, None
+
+
 def run(gamma: float | None, args) -> dict:
     pl.seed_everything(args.seed, verbose=False)
     dm = DigitsDataModule(batch_size=DEFAULTS["batch_size"])
-    model = CompressibleDigitsConvNet(epochs=args.epochs, quant_lr=args.quant_lr, lr=DEFAULTS["lr"], weight_decay=0.0)
+    common = dict(epochs=args.epochs, quant_lr=args.quant_lr, lr=DEFAULTS["lr"], weight_decay=0.0)
+    if args.model == "resnet9":
+        model = CompressibleResNet9(widths=tuple(args.widths), **common)
+    else:
+        model = CompressibleDigitsConvNet(**common)
     clock = EpochClock()
     callbacks = [clock]
     if gamma is not None:
@@ -122,6 +138,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--interval", type=int, default=1, help="removal_interval (optimizer steps)")
     parser.add_argument("--shift-decay", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", choices=["digits", "resnet9"], default="digits")
+    parser.add_argument("--widths", type=int, nargs=4, default=[32, 64, 128, 256], help="ResNet-9 widths")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     decisions: list = []
@@ -130,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
     comp = run(args.gamma, args)
     cb, stats, clock = comp["callback"], comp["stats"], comp["clock"]
 
-    print(f"digits ConvNet, gamma={args.gamma:g}, {args.epochs} epochs, removal every {args.interval} step(s)")
+    print(f"{args.model} ({'widths ' + str(args.widths) if args.model == 'resnet9' else 'channels 32, 64, 64'}), gamma={args.gamma:g}, {args.epochs} epochs, removal every {args.interval} step(s)")
     dead = ChannelRemoval.dead(comp["model"])
     print("channels (before -> after, dead but still there): " + ", ".join(
         f"{c['layer']} {c['channels_before']}->{c['channels_after']} ({int(dead[c['layer']].sum())})"
@@ -153,6 +171,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"epoch CPU time: first {clock.epochs[0]:.3f} s, last {clock.epochs[-1]:.3f} s, last/first {ratio:.2f} "
           f"(target <= 0.5; the float run's own last/first is {base_ratio:.2f}: the first epoch carries warm-up); "
           f"wall last/first {clock.walls[-1] / clock.walls[0]:.2f}")
+    full = max(i for i, w in enumerate(clock.weights) if w >= 99.99) if clock.weights[0] >= 99.99 else 0
+    print(f"warm-up-free: last epoch / last full-size epoch ({full}) CPU time {clock.epochs[-1] / clock.epochs[full]:.2f}")
     print(f"median step CPU time: first epoch {1e3 * first:.2f} ms, last epoch {1e3 * last:.2f} ms, last/first "
           f"{last / first:.2f}; >= 75% of weights gone from epoch {gone75 if gone75 is not None else 'never'}; "
           "% weights per epoch: " + " ".join(f"{w:.0f}" for w in clock.weights))
