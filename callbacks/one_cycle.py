@@ -43,7 +43,8 @@ class OneCycle(ParamScheduler):
         max_lr: peak lr (float), one per param group (list), or ``"find"``: take the suggestion of
             the :class:`~pl_optim.callbacks.LRRangeTest` callback in the same Trainer (run before
             the first step; saved in the checkpoint so a resume does not re-run it).
-        total_steps: schedule length in optimizer steps; default: derived from the Trainer.
+        total_steps: schedule length in optimizer steps (one int, or one per optimizer); default:
+            derived from the Trainer.
         pct_start: fraction of the steps spent increasing the lr, in (0, 1).
         anneal_strategy: ``"cos"`` or ``"linear"``.
         cycle_momentum: cycle ``momentum``/``betas[0]`` inversely to the lr.
@@ -70,7 +71,7 @@ class OneCycle(ParamScheduler):
     def __init__(
         self,
         max_lr: float | Sequence[float] | str,
-        total_steps: int | None = None,
+        total_steps: int | Sequence[int] | None = None,
         pct_start: float = 0.3,
         anneal_strategy: str = "cos",
         cycle_momentum: bool = True,
