@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pl_optim.schedules import write_field
+
 SUGGESTIONS = ("min_div_10", "steepest")
 
 
@@ -140,7 +142,11 @@ def restored(modules: Sequence[nn.Module], optimizer: torch.optim.Optimizer) -> 
         for g, saved in zip(optimizer.param_groups, groups):
             for k in [k for k in g if k != "params" and k not in saved]:
                 del g[k]
-            g.update(saved)
+            for k, v in saved.items():
+                if isinstance(g.get(k), torch.Tensor) and isinstance(v, torch.Tensor):
+                    g[k].copy_(v)  # e.g. a tensor lr: keep the object
+                else:
+                    g[k] = v
         for p, grad in zip(params, grads):
             p.grad = grad
         torch.set_rng_state(rng)
@@ -202,7 +208,7 @@ def lr_range_test(
         for k in range(num_steps):
             lr = min_lr * (max_lr / min_lr) ** (k / (num_steps - 1))
             for g, r in zip(groups, result.ratios):
-                g["lr"] = lr * r
+                write_field(g, "lr", lr * r)
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(k)
             value = float(loss.detach())

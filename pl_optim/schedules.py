@@ -56,7 +56,9 @@ __all__ = [
     "Combined",
     "one_cycle",
     "GroupWriter",
+    "read_field",
     "resolve_field",
+    "write_field",
 ]
 
 Length = int | float
@@ -414,8 +416,17 @@ def _setter(key: str) -> Callable[[dict, float], None]:
         return set_beta2
 
     def set_key(group: dict, value: float) -> None:
-        group[key] = value
+        current = group[key]
+        if isinstance(current, torch.Tensor):  # tensor lr (e.g. for a compiled step): in place, like torch
+            current.fill_(value)
+        else:
+            group[key] = value
     return set_key
+
+
+def write_field(group: dict, key: str, value: float) -> None:
+    """Write a resolved field (``"betas[0]"`` style keys included; tensor values in place)."""
+    _setter(key)(group, value)
 
 
 def read_field(group: dict, key: str) -> float:

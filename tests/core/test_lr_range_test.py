@@ -154,3 +154,13 @@ def test_restored_on_exception():
         model[0].weight.data.add_(1.0)
         raise RuntimeError
     assert torch.equal(model[0].weight, w)
+
+
+def test_tensor_lr_is_swept_and_restored_in_place():
+    model, _, loss_fn = _setup()
+    lr = torch.tensor(1e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    lr_obj = opt.param_groups[0]["lr"]
+    r = lr_range_test(loss_fn, opt, [model], min_lr=1e-5, max_lr=1e-2, num_steps=5)
+    assert len(r.lrs) == 5
+    assert opt.param_groups[0]["lr"] is lr_obj and lr_obj.item() == pytest.approx(1e-3)

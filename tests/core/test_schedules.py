@@ -211,3 +211,11 @@ def test_group_writer_initial_multipliers():
     assert w.multipliers == {"lr": [0.01, 0.1]}
     w.apply(5, 10)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.005, 0.05])
+
+
+def test_group_writer_keeps_tensor_lrs_tensors():
+    p = torch.nn.Parameter(torch.zeros(2))
+    lr = torch.tensor(0.1)
+    opt = torch.optim.Adam([p], lr=lr)
+    GroupWriter(opt, {"lr": Constant(0.05)}).apply(0, 10)
+    assert opt.param_groups[0]["lr"] is lr and lr.item() == pytest.approx(0.05)
