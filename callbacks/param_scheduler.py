@@ -37,7 +37,8 @@ class ParamScheduler(StepHookCallback):
     its state) keeps the saved :math:`T` — the run follows the schedule it started with and holds
     the final values in any extra steps; ``on_resume="trainer"`` recomputes :math:`T` from the
     new configuration and continues from the saved counter (the values jump to the new curve).
-    Either way a differing total is reported with a warning.
+    Either way a differing total is reported with a warning. A new ``fit`` without a checkpoint
+    starts the schedule again at step 0.
 
     Args:
         schedules: field -> schedule, or a list of one schedule per param group. Fields:
