@@ -55,7 +55,7 @@ class ChannelRemoval:
             raise ValueError(f"`removal_interval` must be an integer >= 1, got {interval!r}")
         self.interval = interval
         self.shift_decay = _check_nonneg("shift_decay", shift_decay)
-        self.atol = _check_nonneg("removal_atol", atol)
+        self.atol = _check_nonneg("atol", atol)
         self.kept: dict[str, dict[str, torch.Tensor]] = {}
         self.original: dict[str, int] = {}
         self.events: list[tuple[int, str, int]] = []
