@@ -78,18 +78,21 @@ def _time_removals(monkey: list) -> None:
     ChannelRemoval.after_step = timed
 
 
-def _latency(net: torch.nn.Module, batch: int, reps: int) -> float:
+def _latency(nets: list[torch.nn.Module], batch: int, reps: int) -> list[float]:
+    """Fastest forward of each net (interleaved, so load and clock drift hit all alike)."""
     x = torch.randn(batch, 1, 8, 8)
-    net.eval()
+    best = [float("inf")] * len(nets)
     with torch.no_grad():
-        for _ in range(10):
-            net(x)
-        times = []
+        for net in nets:
+            net.eval()
+            for _ in range(10):
+                net(x)
         for _ in range(reps):
-            start = CLOCK()
-            net(x)
-            times.append(CLOCK() - start)
-    return statistics.median(times)
+            for i, net in enumerate(nets):
+                start = CLOCK()
+                net(x)
+                best[i] = min(best[i], CLOCK() - start)
+    return best
 
 
 class CompressibleResNet9(ResNet9):
@@ -178,9 +181,8 @@ def main(argv: list[str] | None = None) -> dict:
           "% weights per epoch: " + " ".join(f"{w:.0f}" for w in clock.weights))
 
     for batch, reps in ((1, 300), (256, 50)):
-        t_float = _latency(base["model"].net, batch, reps)
-        t_small = _latency(exported, batch, reps)
-        print(f"CPU latency (process time, median) batch {batch}: exported {1e3 * t_small:.3f} ms / float {1e3 * t_float:.3f} ms = "
+        t_float, t_small = _latency([base["model"].net, exported], batch, reps)
+        print(f"CPU latency (process time, fastest of {reps}) batch {batch}: exported {1e3 * t_small:.3f} ms / float {1e3 * t_float:.3f} ms = "
               f"{t_small / t_float:.2f} (target <= 0.35)")
 
     step = statistics.median(clock.batches)
