@@ -68,11 +68,13 @@ class ChannelRemoval:
         self._warned: set[str] = set()
 
     # --- setup / teardown ----------------------------------------------------------------------
-    def setup(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str = "fit") -> None:
+        """Register the hooks (every stage: validate/test with ``ckpt_path`` must load too); a
+        ``fit`` also starts a new record of the sizes before training."""
         self.teardown()
-        self.graph = self.remover = None
-        self.original = {n: m.out_channels if not isinstance(m, nn.Linear) else m.out_features
-                         for n, m in pl_module.named_modules() if isinstance(m, _SIZED)}
+        if stage == "fit":
+            self.graph = self.remover = None
+            self.original = {n: _out(m) for n, m in pl_module.named_modules() if isinstance(m, _SIZED)}
         self._handles = [
             pl_module.register_forward_pre_hook(self._grab),
             pl_module.register_load_state_dict_pre_hook(self._match),

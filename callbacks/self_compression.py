@@ -126,7 +126,7 @@ class SelfCompression(StepHookCallback):
         refuse_sharded_strategy(trainer, "SelfCompression")
         attach_quantizers(pl_module, exclude=self.exclude, init_bits=self.init_bits)
         if self.removal is not None:
-            self.removal.setup(trainer, pl_module)
+            self.removal.setup(trainer, pl_module, stage)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().teardown(trainer, pl_module, stage)

@@ -141,6 +141,11 @@ def test_checkpoint_resume_is_bit_identical_and_loads_for_inference(trainer_kwar
     }
 
     last = tmp_path / "ckpt" / "epoch=2.ckpt"
+    validated = TinyConvNet(optimizer="adam", lr=0.05)  # validate(ckpt_path) with the callback loads too
+    kw_val = {**kw, "limit_val_batches": None, "enable_checkpointing": False}
+    pl.Trainer(callbacks=[cb_full], **kw_val).validate(validated, datamodule=_data(), ckpt_path=last)
+    assert validated.net[0][0].out_channels == full.net[0][0].out_channels < 8
+    assert cb_full.removal.original["net.0.0"] == 8  # validating did not restart the size record
     with pytest.raises(RuntimeError):
         TinyConvNet.load_from_checkpoint(last)  # full-size float model: keys and shapes differ
     loaded = load_compressed(TinyConvNet, str(last))
