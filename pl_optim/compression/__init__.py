@@ -1,6 +1,13 @@
 """Self-compressing networks: quantiser, size loss, dependency analysis, channel surgery, export."""
 
-from pl_optim.compression.export import PackedSize, export_compressed, load_packed, read_packed, save_packed
+from pl_optim.compression.export import (
+    PackedSize,
+    export_compressed,
+    load_packed,
+    read_packed,
+    recalibrate_batchnorm,
+    save_packed,
+)
 from pl_optim.compression.quantizer import (
     ChannelQuantizer,
     attach_quantizers,
@@ -29,6 +36,7 @@ __all__ = [
     "quantized_layers",
     "quantizer_parameters",
     "read_packed",
+    "recalibrate_batchnorm",
     "save_packed",
     "size_bits",
     "size_loss",

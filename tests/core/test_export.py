@@ -116,3 +116,20 @@ def test_packed_file_of_a_shrunk_network_loads_into_a_full_size_one(tmp_path):
     reloaded = load_packed(tmp_path / "small.ploq", net())
     assert reloaded[0].weight.shape == (5, 3, 3, 3) and reloaded[3].weight.shape == (6, 5, 1, 1)
     torch.testing.assert_close(reloaded(x), export_compressed(model)(x), rtol=0, atol=0)
+
+
+def test_recalibrate_batchnorm_averages_over_all_inputs():
+    from pl_optim.compression import recalibrate_batchnorm
+
+    net = _compressed()  # eval mode
+    net[1].momentum = 0.3
+    batches = [torch.randn(5, 3, 4, 4) for _ in range(3)]
+    with torch.no_grad():
+        pre = torch.cat([net[0](b) for b in batches])  # the BatchNorm's input, quantised conv
+    assert recalibrate_batchnorm(net, iter(batches)) == 1
+    torch.testing.assert_close(net[1].running_mean, pre.mean(dim=(0, 2, 3)), rtol=1e-5, atol=1e-6)
+    # cumulative average of the per-batch unbiased variances
+    var = torch.stack([net[0](b).detach().var(dim=(0, 2, 3), unbiased=True) for b in batches]).mean(0)
+    torch.testing.assert_close(net[1].running_var, var, rtol=1e-5, atol=1e-6)
+    assert net[1].momentum == 0.3 and not net.training and not net[1].training
+    assert recalibrate_batchnorm(nn.Linear(2, 2), [torch.randn(1, 2)]) == 0
