@@ -134,8 +134,8 @@ class ChannelRemoval:
             self.events.append((step, name, n))
         rank_zero_info(f"SelfCompression: optimizer step {step}: removed channels "
                        + ", ".join(f"{k}: -{v}" for k, v in removed.items()))
-        if trainer.logger is not None:
-            trainer.logger.log_metrics({f"self_compression/removed/{k}": float(v) for k, v in removed.items()}, step=step)
+        for logger in trainer.loggers:
+            logger.log_metrics({f"self_compression/removed/{k}": float(v) for k, v in removed.items()}, step=step)
 
     @staticmethod
     def dead(pl_module: nn.Module) -> dict[str, torch.Tensor]:

@@ -4,6 +4,7 @@ removal, same result as removing at the end, checkpoints, inference loading, bad
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from types import SimpleNamespace
 
 import lightning.pytorch as pl
@@ -11,6 +12,7 @@ import pytest
 import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 
 from examples.tiny import RandomClassificationData, TinyConvNet
 from pl_optim.callbacks import SelfCompression, load_compressed
@@ -29,7 +31,7 @@ def _shrinking(**kw):
     return SelfCompression(20.0, init_bits=2, lr=0.2, remove_channels=True, shift_decay=0.05, **kw)
 
 
-def test_every_removal_preserves_outputs(trainer_kwargs, monkeypatch):
+def test_every_removal_preserves_outputs(trainer_kwargs, monkeypatch, tmp_path):
     records = []
     original = ChannelRemover.remove
 
@@ -47,7 +49,8 @@ def test_every_removal_preserves_outputs(trainer_kwargs, monkeypatch):
     monkeypatch.setattr(ChannelRemover, "remove", spy)
     model = TinyConvNet(optimizer="adam", lr=0.05)
     callback = _shrinking()
-    trainer = pl.Trainer(max_steps=24, callbacks=[callback], **trainer_kwargs)
+    logger = CSVLogger(tmp_path, name="log")
+    trainer = pl.Trainer(max_steps=24, callbacks=[callback], **{**trainer_kwargs, "logger": logger})
     trainer.fit(model, datamodule=_data())
     assert records, "no removal happened"
     for (eval0, train0), (eval1, train1), removed in records:
@@ -61,6 +64,8 @@ def test_every_removal_preserves_outputs(trainer_kwargs, monkeypatch):
     assert report["net.0.0"]["channels_after"] == model.net[0][0].out_channels < 8
     assert report["net.4"]["channels_after"] == 3  # the network output is never shrunk
     assert torch.isfinite(trainer.callback_metrics["train_loss"])
+    logged = (Path(logger.log_dir) / "metrics.csv").read_text()
+    assert "self_compression/removed/net.0.0" in logged  # removal events reach the logger
 
 
 class DeadFromStart(Callback):
