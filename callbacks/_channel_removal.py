@@ -19,7 +19,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from pl_optim.compression.graph import ChannelGraph
+from pl_optim.compression.graph import ChannelGraph, output_size
 from pl_optim.compression.quantizer import dead_channels, quantized_layers
 from pl_optim.compression.surgery import ChannelRemover, match_shapes, shrink_constants
 
@@ -74,7 +74,7 @@ class ChannelRemoval:
         self.teardown()
         if stage == "fit":
             self.graph = self.remover = None
-            self.original = {n: _out(m) for n, m in pl_module.named_modules() if isinstance(m, _SIZED)}
+            self.original = {n: output_size(m) for n, m in pl_module.named_modules() if isinstance(m, _SIZED)}
         self._handles = [
             pl_module.register_forward_pre_hook(self._grab),
             pl_module.register_load_state_dict_pre_hook(self._match),
@@ -177,7 +177,7 @@ class ChannelRemoval:
     def channel_report(self, pl_module: nn.Module) -> list[dict[str, Any]]:
         """Per conv/linear layer: output channels at the start of training and now."""
         mods = dict(pl_module.named_modules())
-        return [{"layer": n, "channels_before": c, "channels_after": _out(mods[n])}
+        return [{"layer": n, "channels_before": c, "channels_after": output_size(mods[n])}
                 for n, c in self.original.items() if n in mods]
 
     def state_dict(self) -> dict[str, Any]:
@@ -194,10 +194,6 @@ class ChannelRemoval:
         self.events = [tuple(e) for e in state.get("events", [])]
         self.steps = int(state.get("steps", 0))
         self.graph = self.remover = None
-
-
-def _out(m: nn.Module) -> int:
-    return m.out_features if isinstance(m, nn.Linear) else m.out_channels
 
 
 def _drop_ddp(trainer: Trainer) -> nn.Module:

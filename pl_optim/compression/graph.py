@@ -208,9 +208,9 @@ class ChannelGraph:
             if isinstance(mod, _ZERO_ACT):
                 return _extend(src, lambda v, t, m=mod: m(v))
             if isinstance(mod, _MAX_POOL):
-                return _extend(src, _keep_const) if src.block is None else _chk_flat(src, desc)
+                return _extend(src, _keep_const) if src.block is None else _refuse_after_flatten(src, desc)
             if isinstance(mod, _ZERO_POOL):
-                return _extend(src, _keep_zero) if src.block is None or isinstance(mod, nn.Dropout) else _chk_flat(src, desc)
+                return _extend(src, _keep_zero) if src.block is None or isinstance(mod, nn.Dropout) else _refuse_after_flatten(src, desc)
             if isinstance(mod, nn.Flatten):
                 return self._flatten(node, src, shape, mod.start_dim, mod.end_dim, desc)
             raise _Unsupported(f"unsupported module {desc}")
@@ -372,7 +372,7 @@ class ChannelGraph:
 
     def group_size(self, index: int) -> int:
         """Current number of channels of group ``index`` (its first producer's output size)."""
-        return _out_size(self.modules[self.groups[index].producers[0]])
+        return output_size(self.modules[self.groups[index].producers[0]])
 
     def dead_in_all(self, dead: Mapping[str, torch.Tensor]) -> dict[int, torch.Tensor]:
         """Group index -> bool mask of channels dead in EVERY producer (unfrozen groups only)."""
@@ -427,10 +427,11 @@ def _shape(node) -> tuple[int, ...] | None:
 
 
 def _size(graph: ChannelGraph, s: int) -> int:
-    return _out_size(graph.modules[graph._spaces[s].producers[0]]) if graph._spaces[s].producers else -1
+    return output_size(graph.modules[graph._spaces[s].producers[0]]) if graph._spaces[s].producers else -1
 
 
-def _out_size(mod: nn.Module) -> int:
+def output_size(mod: nn.Module) -> int:
+    """Output channels of a conv (``out_channels``) or linear layer (``out_features``)."""
     return mod.out_features if isinstance(mod, nn.Linear) else mod.out_channels
 
 
@@ -444,7 +445,7 @@ def _extend(src: _Val, step: Step) -> _Val:
     return _Val([(s, (*chain, step)) for s, chain in src.segs], src.block)
 
 
-def _chk_flat(src: _Val, desc: str) -> _Val:
+def _refuse_after_flatten(src: _Val, desc: str) -> _Val:
     raise _Unsupported(f"{desc} after flatten")
 
 
