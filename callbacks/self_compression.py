@@ -39,8 +39,9 @@ class SelfCompression(StepHookCallback):
     Quantisers are attached in ``setup`` (before ``configure_optimizers``, so ``self.parameters()``
     there includes ``bits``/``exponent``). At ``on_fit_start``: if no optimizer holds them they
     become a new param group of optimizer ``optimizer_index`` (``lr`` or that optimizer's first
-    group's lr, ``weight_decay=0``); if the optimizer already holds them and ``lr`` is given they
-    are moved into such a group of their own. A scheduler created in ``configure_optimizers`` does
+    group's lr, ``weight_decay=0``; exponents in a second group when ``exponent_lr`` is given); if
+    the optimizer already holds them and ``lr`` or ``exponent_lr`` is given they are moved into
+    such groups. A scheduler created in ``configure_optimizers`` does
     not drive a group added here (its lr stays constant).
 
     Logs each training epoch ``self_compression/bits_pct`` (% of float bits kept),
@@ -72,8 +73,9 @@ class SelfCompression(StepHookCallback):
 
     Example::
 
-        trainer = Trainer(callbacks=[SelfCompression(gamma=0.05, lr=0.5)])
-        trainer.fit(DigitsConvNet(), datamodule=DigitsDataModule())
+        trainer = Trainer(callbacks=[SelfCompression(gamma=0.3, lr=0.05, exponent_lr=0.01)])
+        model = DigitsConvNet()
+        trainer.fit(model, datamodule=DigitsDataModule())
         small = pl_optim.compression.export_compressed(model.net)
     """
 
