@@ -32,7 +32,14 @@ class StepHookCallback(Callback):
     """
 
     def before_step(self, trainer: Trainer, index: int, optimizer: torch.optim.Optimizer) -> None:
-        """Called right before ``optimizer.step()`` of optimizer ``index`` runs."""
+        """Called right before ``optimizer.step()`` of optimizer ``index`` runs.
+
+        Under Lightning's automatic optimization this is BEFORE the closure (forward + backward)
+        that ``step(closure)`` evaluates, so ``p.grad`` still holds the previous step's
+        gradients here. Work that needs this step's gradients belongs in
+        ``on_before_optimizer_step`` (runs after backward, only on accumulation boundaries) or in
+        a closure-wrapping pre-hook like :class:`pl_optim.weight_decay.DecoupledDecay`'s.
+        """
 
     def after_step(self, trainer: Trainer, index: int, optimizer: torch.optim.Optimizer) -> None:
         """Called right after ``optimizer.step()`` of optimizer ``index`` ran."""

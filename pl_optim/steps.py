@@ -43,8 +43,10 @@ class StepHooks:
 
     Args:
         optimizers: the optimizers to watch.
-        pre: called as ``pre(index, optimizer)`` before the update (e.g. decoupled decay, in
-            the same order as ``torch.optim.AdamW``).
+        pre: called as ``pre(index, optimizer)`` when ``step()`` is entered, before the update.
+            With ``step(closure)`` (Lightning's automatic optimization) that is also before the
+            closure computes this step's gradients; see
+            :meth:`pl_optim.weight_decay.DecoupledDecay.torch_pre_hook` for a hook that waits for them.
         post: called as ``post(index, optimizer)`` after the update (e.g. advance a schedule).
 
     Raises:

@@ -29,3 +29,29 @@ class InjectInfGrad(Callback):
                 if p.grad is not None:
                     p.grad.fill_(float("inf"))
         self.seen += 1
+
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+#: Trainer settings of the 2-process CPU DDP tests (quiet, no validation, no files but the output).
+DDP_TRAINER_KWARGS = dict(
+    accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False,
+    enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0,
+)
+
+
+def run_ddp_script(script: str, out_dir) -> None:
+    """Run ``script`` (a test file whose ``__main__`` trains with ``strategy="ddp"``) in a child
+    process with ``out_dir`` as its argument and fail with its stderr if it fails.
+
+    A child process is needed because Lightning's ddp launcher re-executes the command line for
+    rank 1; each rank writes what it saw into ``out_dir`` for the test to compare."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run(
+        [sys.executable, script, str(out_dir)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]

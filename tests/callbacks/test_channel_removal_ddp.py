@@ -8,15 +8,13 @@ launcher re-executes the command line for rank 1; each rank saves its results to
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import DDP_TRAINER_KWARGS, run_ddp_script
 
 
 def _run(out: Path) -> None:
@@ -29,11 +27,7 @@ def _run(out: Path) -> None:
     pl.seed_everything(0, verbose=False)
     model = TinyConvNet(optimizer="adam", lr=0.05)
     callback = SelfCompression(40.0, init_bits=2, lr=0.3, remove_channels=True, shift_decay=0.05)
-    trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_steps=30, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0,
-        callbacks=[callback], default_root_dir=str(out),
-    )
+    trainer = pl.Trainer(max_steps=30, callbacks=[callback], default_root_dir=str(out), **DDP_TRAINER_KWARGS)
     trainer.fit(model, datamodule=RandomClassificationData(n=160, shape=(1, 8, 8), batch_size=8))
     ddp_shapes = [tuple(p.shape) for p in trainer.strategy.model.parameters()]
     torch.save(
@@ -51,9 +45,7 @@ def _run(out: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.ddp
 def test_ddp_ranks_remove_the_same_channels(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([sys.executable, __file__, str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_ddp_script(__file__, tmp_path)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     assert r0["events"] and r0["events"] == r1["events"]
     assert r0["events"][0][0] < r0["steps"] == 30  # training went on after the first removal

@@ -8,14 +8,12 @@ launcher re-executes the command line for rank 1; each rank writes what it saw t
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import DDP_TRAINER_KWARGS, run_ddp_script
 
 
 def _run(out: Path) -> None:
@@ -29,9 +27,8 @@ def _run(out: Path) -> None:
     pl.seed_everything(0, verbose=False)
     decay, toggle = DecoupledWeightDecay(0.3), AMSGradToggle({1: True})
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, accumulate_grad_batches=2, logger=False,
-        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
-        limit_val_batches=0, callbacks=[decay, toggle], default_root_dir=str(out),
+        max_epochs=2, accumulate_grad_batches=2, callbacks=[decay, toggle], default_root_dir=str(out),
+        **DDP_TRAINER_KWARGS,
     )
     model = TinyClassifier(optimizer="adam", lr=1e-2)
     # 256 samples / 16 a batch / 2 ranks = 8 batches a rank an epoch; accumulation 2 -> 4 steps
@@ -50,9 +47,7 @@ def _run(out: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.ddp
 def test_ddp_ranks_decay_and_switch_identically(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([sys.executable, __file__, str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_ddp_script(__file__, tmp_path)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0 == r1
     assert r0["decay_steps"] == 8 and r0["amsgrad"] is True and r0["max_state"] is True
