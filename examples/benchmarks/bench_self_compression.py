@@ -1,0 +1,81 @@
+"""Benchmark: SelfCompression on the digits ConvNet vs. the float model trained the same way.
+
+Target (issue 5): at most 3% of the float bits kept, at a validation accuracy at most 0.5
+percentage points below the float model's. For each seed the same recipe (DigitsConvNet, AdamW,
+same lr, epochs and batches) is trained once in float and once with
+``SelfCompression(gamma, remove_channels=True)`` with bits / exponents in their own param groups; the compressed accuracy is the
+one of the model reloaded from its bit-packed file. Prints per-seed figures, the means and
+whether the target is met::
+
+    python -m examples.benchmarks.bench_self_compression --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from examples.compress_digits import DEFAULTS, train
+
+#: Best of the settings measured on seeds 0-2 (docs/self_compression.md lists the sweep).
+BEST = dict(gamma=0.2, epochs=40)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--gamma", type=float, default=BEST["gamma"])
+    parser.add_argument("--quant-lr", type=float, default=DEFAULTS["quant_lr"])
+    parser.add_argument("--exponent-lr", type=float, default=DEFAULTS["exponent_lr"])
+    parser.add_argument("--label-smoothing", type=float, default=DEFAULTS["label_smoothing"])
+    parser.add_argument("--epochs", type=int, default=BEST["epochs"])
+    parser.add_argument("--init-bits", type=float, default=DEFAULTS["init_bits"])
+    parser.add_argument("--lr", type=float, default=DEFAULTS["lr"])
+    parser.add_argument("--keep-channels", action="store_true", help="do not remove dead channels during training")
+    parser.add_argument("--no-recalibrate", action="store_true", help="keep the BatchNorm statistics of training")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    rows = []
+    for seed in args.seeds:
+        recipe = dict(
+            seed=seed, epochs=args.epochs, lr=args.lr, label_smoothing=args.label_smoothing,
+            recalibrate_bn=not args.no_recalibrate,
+        )
+        base = train(None, **recipe)
+        comp = train(
+            args.gamma, **recipe, quant_lr=args.quant_lr, exponent_lr=args.exponent_lr, init_bits=args.init_bits,
+            remove_channels=not args.keep_channels,
+        )
+        rows.append((seed, base, comp))
+        print(
+            f"seed {seed}: float acc {100 * base['acc']:.2f}% | compressed acc {100 * comp['reloaded_acc']:.2f}% "
+            f"(in training {100 * comp['acc']:.2f}%), bits {comp['bits_pct']:.2f}%, weights {comp['weights_pct']:.2f}%, "
+            f"packed file {comp['packed_bytes']} B (quantised weights {comp['packed_weight_bytes']} B) "
+            f"vs float {base['float_bytes']} B",
+            flush=True,
+        )
+    mean = statistics.fmean
+    float_acc = 100 * mean(b["acc"] for _, b, _ in rows)
+    comp_acc = 100 * mean(c["reloaded_acc"] for _, _, c in rows)
+    bits = mean(c["bits_pct"] for _, _, c in rows)
+    weights = mean(c["weights_pct"] for _, _, c in rows)
+    drop = float_acc - comp_acc
+    met = bits <= 3.0 and drop <= 0.5
+    print(
+        f"\nmean over {len(rows)} seed(s), gamma={args.gamma:g}, bits lr={args.quant_lr:g}, exponent lr="
+        f"{args.exponent_lr:g}, label smoothing {args.label_smoothing:g}, {args.epochs} epochs, "
+        f"init bits {args.init_bits:g}, channel removal {'off' if args.keep_channels else 'on'}, BatchNorm "
+        f"recalibration {'off' if args.no_recalibrate else 'on'}:\n"
+        f"  float acc {float_acc:.2f}% | compressed acc {comp_acc:.2f}% (drop {drop:+.2f} pp) | "
+        f"bits kept {bits:.2f}% | weights kept {weights:.2f}%\n"
+        f"  target (<= 3% bits, drop <= 0.5 pp): {'MET' if met else 'NOT MET'}   [{time.perf_counter() - start:.0f} s]"
+    )
+    return {"float_acc": float_acc, "compressed_acc": comp_acc, "bits_pct": bits, "weights_pct": weights, "met": met}
+
+
+if __name__ == "__main__":
+    main()
