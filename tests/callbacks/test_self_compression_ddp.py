@@ -7,15 +7,13 @@ launcher re-executes the command line for rank 1; each rank saves its parameters
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import DDP_TRAINER_KWARGS, run_ddp_script
 
 
 def _run(out: Path) -> None:
@@ -28,9 +26,8 @@ def _run(out: Path) -> None:
     pl.seed_everything(0, verbose=False)
     model = TinyConvNet(optimizer="sgd", lr=0.1)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, limit_train_batches=4, logger=False,
-        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
-        limit_val_batches=0, callbacks=[SelfCompression(50.0, lr=0.2)], default_root_dir=str(out),
+        max_epochs=1, limit_train_batches=4, callbacks=[SelfCompression(50.0, lr=0.2)], default_root_dir=str(out),
+        **DDP_TRAINER_KWARGS,
     )
     # different data per rank comes from the DistributedSampler
     trainer.fit(model, datamodule=RandomClassificationData(n=64, shape=(1, 8, 8), batch_size=8))
@@ -40,9 +37,7 @@ def _run(out: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.ddp
 def test_ddp_ranks_agree(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([sys.executable, __file__, str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_ddp_script(__file__, tmp_path)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert set(r0) == set(r1) and any(k.endswith(".bits") for k in r0)
     for key in r0:  # parameters (weights, bits, exponents); BN running stats are per-rank between broadcasts
