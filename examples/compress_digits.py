@@ -135,26 +135,36 @@ def train(
     return result
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--gammas", type=float, nargs="+", default=[0.03, 0.1, 0.3, 1.0])
-    parser.add_argument("--epochs", type=int, default=DEFAULTS["epochs"])
+def add_recipe_arguments(parser: argparse.ArgumentParser, epochs: int = DEFAULTS["epochs"]) -> None:
+    """Command-line options of the training recipe (shared with the benchmark)."""
+    parser.add_argument("--epochs", type=int, default=epochs)
     parser.add_argument("--lr", type=float, default=DEFAULTS["lr"])
     parser.add_argument("--quant-lr", type=float, default=DEFAULTS["quant_lr"])
     parser.add_argument("--exponent-lr", type=float, default=DEFAULTS["exponent_lr"])
     parser.add_argument("--label-smoothing", type=float, default=DEFAULTS["label_smoothing"])
     parser.add_argument("--init-bits", type=float, default=DEFAULTS["init_bits"])
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep-channels", action="store_true", help="do not remove dead channels during training")
     parser.add_argument("--no-recalibrate", action="store_true", help="keep the BatchNorm statistics of training")
+
+
+def recipe(args: argparse.Namespace) -> tuple[dict, dict]:
+    """``train`` keyword arguments of the float run and of the compressed runs."""
+    shared = dict(epochs=args.epochs, lr=args.lr, label_smoothing=args.label_smoothing, recalibrate_bn=not args.no_recalibrate)
+    compressed = dict(shared, quant_lr=args.quant_lr, exponent_lr=args.exponent_lr, init_bits=args.init_bits,
+                      remove_channels=not args.keep_channels)
+    return shared, compressed
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gammas", type=float, nargs="+", default=[0.03, 0.1, 0.3, 1.0])
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="compress_digits.png", help="PNG of accuracy vs. %% bits")
+    add_recipe_arguments(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    common = dict(seed=args.seed, epochs=args.epochs, lr=args.lr, quant_lr=args.quant_lr, init_bits=args.init_bits,
-                  remove_channels=not args.keep_channels, exponent_lr=args.exponent_lr,
-                  label_smoothing=args.label_smoothing, recalibrate_bn=not args.no_recalibrate)
-    float_common = {k: v for k, v in common.items() if k in ("seed", "epochs", "lr", "label_smoothing", "recalibrate_bn")}
-    rows = [train(None, **float_common)] + [train(g, **common) for g in args.gammas]
+    float_kw, comp_kw = recipe(args)
+    rows = [train(None, seed=args.seed, **float_kw)] + [train(g, seed=args.seed, **comp_kw) for g in args.gammas]
     print(f"{'gamma':>8} {'val acc':>8} {'% bits':>8} {'% weights':>10} {'packed B':>9} {'reloaded acc':>13}")
     for r in rows:
         g = "float" if r["gamma"] is None else f"{r['gamma']:g}"

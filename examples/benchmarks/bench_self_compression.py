@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from examples.compress_digits import DEFAULTS, train
+from examples.compress_digits import add_recipe_arguments, recipe, train
 
 #: Best of the settings measured on seeds 0-2 (docs/self_compression.md lists the sweep).
 BEST = dict(gamma=0.2, epochs=40)
@@ -28,28 +28,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--gamma", type=float, default=BEST["gamma"])
-    parser.add_argument("--quant-lr", type=float, default=DEFAULTS["quant_lr"])
-    parser.add_argument("--exponent-lr", type=float, default=DEFAULTS["exponent_lr"])
-    parser.add_argument("--label-smoothing", type=float, default=DEFAULTS["label_smoothing"])
-    parser.add_argument("--epochs", type=int, default=BEST["epochs"])
-    parser.add_argument("--init-bits", type=float, default=DEFAULTS["init_bits"])
-    parser.add_argument("--lr", type=float, default=DEFAULTS["lr"])
-    parser.add_argument("--keep-channels", action="store_true", help="do not remove dead channels during training")
-    parser.add_argument("--no-recalibrate", action="store_true", help="keep the BatchNorm statistics of training")
+    add_recipe_arguments(parser, epochs=BEST["epochs"])
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    float_kw, comp_kw = recipe(args)
     start = time.perf_counter()
     rows = []
     for seed in args.seeds:
-        recipe = dict(
-            seed=seed, epochs=args.epochs, lr=args.lr, label_smoothing=args.label_smoothing,
-            recalibrate_bn=not args.no_recalibrate,
-        )
-        base = train(None, **recipe)
-        comp = train(
-            args.gamma, **recipe, quant_lr=args.quant_lr, exponent_lr=args.exponent_lr, init_bits=args.init_bits,
-            remove_channels=not args.keep_channels,
-        )
+        base = train(None, seed=seed, **float_kw)
+        comp = train(args.gamma, seed=seed, **comp_kw)
         rows.append((seed, base, comp))
         print(
             f"seed {seed}: float acc {100 * base['acc']:.2f}% | compressed acc {100 * comp['reloaded_acc']:.2f}% "
