@@ -79,9 +79,9 @@ def test_cifar_missing_folder(tmp_path):
         CIFAR10DataModule(data_dir=str(tmp_path / "nowhere"))
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
+def _cli(*args: str, config: str = "examples/configs/digits_convnet.yaml") -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "examples.cli", "fit", "--config", "examples/configs/digits_convnet.yaml", *args],
+        [sys.executable, "-m", "examples.cli", "fit", "--config", config, *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -94,6 +94,14 @@ def test_cli_demo_runs_and_reports():
     out = _cli("--trainer.max_epochs=1")
     assert out.returncode == 0, out.stderr[-2000:]
     assert "[demo] DigitsConvNet" in out.stdout and "val_acc" in out.stdout
+
+
+@pytest.mark.slow
+def test_cli_self_compression_demo_config_runs():
+    """The second `make demo` run: OneCycle (per-group peaks) + decoupled decay + SelfCompression."""
+    out = _cli("--trainer.max_epochs=2", config="examples/configs/digits_self_compression.yaml")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "self_compression/bits_pct" in out.stdout and "SelfCompression report" in out.stdout + out.stderr
 
 
 @pytest.mark.slow
