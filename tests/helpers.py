@@ -40,9 +40,9 @@ DDP_TRAINER_KWARGS = dict(
 )
 
 
-def run_ddp_script(script: str, out_dir) -> None:
+def run_ddp_script(script: str, out_dir, *args: str) -> None:
     """Run ``script`` (a test file whose ``__main__`` trains with ``strategy="ddp"``) in a child
-    process with ``out_dir`` as its argument and fail with its stderr if it fails.
+    process with ``out_dir`` (and ``args``) as its arguments and fail with its stderr if it fails.
 
     A child process is needed because Lightning's ddp launcher re-executes the command line for
     rank 1; each rank writes what it saw into ``out_dir`` for the test to compare."""
@@ -52,6 +52,6 @@ def run_ddp_script(script: str, out_dir) -> None:
 
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run(
-        [sys.executable, script, str(out_dir)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, script, str(out_dir), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
