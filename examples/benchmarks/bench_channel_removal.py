@@ -1,24 +1,30 @@
 """Benchmark: removing dead channels during training (SelfCompression(remove_channels=True)).
 
-One float run and one self-compressing run of the digits ConvNet (same recipe as
-``examples.compress_digits``: AdamW, cosine lr), then prints the issue-6 ratios, all measured in
-this one run:
+One float run and one self-compressing run of the digits ConvNet or (``--model resnet9``) the
+ResNet-9 shape (same recipe as ``examples.compress_digits``: AdamW, cosine lr), then prints the
+issue-6 ratios, all measured in this one process:
 
 * % of weights and % of float bits kept, accuracy drop vs. float (target: <= 18%, <= 3%, <= 0.5 pp);
-* last-epoch / first-epoch training time, and the epoch from which >= 75% of the weights are gone
-  (target <= 0.5);
-* CPU latency of the exported model / the float model, batch 1 and batch 256 (target <= 0.35);
+  dead channels still present, split into "dead in every producer of a residual sum" and "dead in
+  one producer only" (those stay: the other producer still writes the channel);
+* last-epoch / first-epoch training wall time per epoch, and the epoch from which >= 75% of the
+  weights are gone (target <= 0.5); because epochs cannot be interleaved, also one training step
+  of the full-size quantised net vs. the shrunk net, interleaved on the same batch;
+* CPU latency of the exported model / the float model with the same widths (wall clock, interleaved,
+  median [min-max], batch 1, 32 and 256; target <= 0.35), a per-stage profile and the MACs;
 * cost of one removal event in optimizer steps of time (target <= 5), and the one-off cost of
   tracing the network.
 
 Usage::
 
-    python -m examples.benchmarks.bench_channel_removal --epochs 30 --gamma 0.1
+    python -m examples.benchmarks.bench_channel_removal --model resnet9 --gamma 0.3 --shift-decay 0.01 --save nets.pt
+    python -m examples.benchmarks.bench_channel_removal --load nets.pt      # latency only, no training
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 import warnings
@@ -32,24 +38,27 @@ from examples.data import DigitsDataModule
 from examples.models import ResNet9
 from pl_optim.callbacks import SelfCompression
 from pl_optim.callbacks._channel_removal import ChannelRemoval
-from pl_optim.compression import compression_stats, export_compressed
+from pl_optim.compression import attach_quantizers, compression_stats, export_compressed
+from pl_optim.compression.graph import ChannelGraph
+from pl_optim.compression.size import add_size_grad
 
-#: process CPU time: with one torch thread it is the compute this process did, robust to the
-#: other processes sharing the machine (wall time is printed next to it).
-CLOCK = time.process_time
+#: wall clock: what a user waits for. Process CPU time is printed next to it (with one torch thread it
+#: is the compute this process did, less sensitive to the other jobs sharing the machine).
+CLOCK = time.perf_counter
 
 
 class EpochClock(Callback):
-    """CPU time of every training epoch and batch, % weights at each epoch end."""
+    """Wall time (and process CPU time) of every training epoch, wall time of every batch, % weights
+    at each epoch end."""
 
     def __init__(self) -> None:
         self.epochs: list[float] = []
-        self.walls: list[float] = []
+        self.cpu: list[float] = []
         self.batches: list[float] = []
         self.weights: list[float] = []
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self._t, self._w = CLOCK(), time.perf_counter()
+        self._t, self._c = CLOCK(), time.process_time()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._b = CLOCK()
@@ -59,7 +68,7 @@ class EpochClock(Callback):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self.epochs.append(CLOCK() - self._t)
-        self.walls.append(time.perf_counter() - self._w)
+        self.cpu.append(time.process_time() - self._c)
         if any("parametrizations" in n for n, _ in pl_module.named_parameters()):
             self.weights.append(float(compression_stats(pl_module.net)["weights_pct"]))
 
@@ -78,21 +87,131 @@ def _time_removals(monkey: list) -> None:
     ChannelRemoval.after_step = timed
 
 
-def _latency(nets: list[torch.nn.Module], batch: int, reps: int) -> list[float]:
-    """Fastest forward of each net (interleaved, so load and clock drift hit all alike)."""
-    x = torch.randn(batch, 1, 8, 8)
-    best = [float("inf")] * len(nets)
-    with torch.no_grad():
-        for net in nets:
-            net.eval()
-            for _ in range(10):
-                net(x)
-        for _ in range(reps):
-            for i, net in enumerate(nets):
-                start = CLOCK()
-                net(x)
-                best[i] = min(best[i], CLOCK() - start)
-    return best
+def _inputs(dm: DigitsDataModule, batch: int) -> torch.Tensor:
+    """The first ``batch`` validation images (repeated if the set is smaller): one input for all nets."""
+    x = dm.val_set.tensors[0]
+    return x.repeat((batch + len(x) - 1) // len(x), 1, 1, 1)[:batch].contiguous()
+
+
+def _interleaved(fns: list, reps: int, warmup: int = 20) -> list[list[float]]:
+    """Wall time (``perf_counter``) of every call of every fn, interleaved: in rep ``r`` the fns run
+    one after the other, in reversed order on odd reps, so load, frequency and cache drift hit all
+    alike. ``warmup`` untimed calls of each fn first."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for r in range(reps):
+        order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
+        for i in order:
+            start = time.perf_counter()
+            fns[i]()
+            times[i].append(time.perf_counter() - start)
+    return times
+
+
+def _fmt(ts: list[float]) -> str:
+    """'median [min-max] ms'."""
+    return f"{1e3 * statistics.median(ts):.3f} ms [{1e3 * min(ts):.3f}-{1e3 * max(ts):.3f}]"
+
+
+def latency(nets: dict[str, torch.nn.Module], x: torch.Tensor, reps: int) -> dict[str, list[float]]:
+    """Forward wall times of each net on the same ``x``, eval mode, ``torch.inference_mode``, interleaved."""
+    for net in nets.values():
+        net.eval()
+    with torch.inference_mode():
+        times = _interleaved([lambda net=net: net(x) for net in nets.values()], reps)
+    return dict(zip(nets, times))
+
+
+def macs(net: torch.nn.Module, x: torch.Tensor) -> dict[str, int]:
+    """Multiply-accumulates of every conv / linear layer per sample (forward hooks, one forward)."""
+    out: dict[str, int] = {}
+
+    def hook(name):
+        def count(module, args, y):
+            w = module.weight
+            out[name] = y[0].numel() * (w[0].numel() if isinstance(module, torch.nn.Conv2d) else w.shape[1])
+        return count
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in net.named_modules()
+               if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    with torch.inference_mode():
+        net.eval()(x[:1])
+    for h in handles:
+        h.remove()
+    return out
+
+
+def profile_stages(nets: dict[str, torch.nn.Module], x: torch.Tensor, reps: int) -> list[tuple[str, dict]]:
+    """Interleaved wall time of every top-level stage (children of the ``nn.Sequential`` nets), each
+    stage fed the output the previous stage of the same net produced on ``x``."""
+    stages = []
+    with torch.inference_mode():
+        feeds = {k: x for k in nets}
+        for i, name in enumerate(dict(next(iter(nets.values())).named_children())):
+            fns, mods = [], {k: net[i].eval() for k, net in nets.items()}
+            for k in nets:
+                fns.append(lambda m=mods[k], f=feeds[k]: m(f))
+            times = _interleaved(fns, reps)
+            stages.append((f"{name} {type(mods[next(iter(nets))]).__name__}", dict(zip(nets, times))))
+            feeds = {k: mods[k](feeds[k]) for k in nets}
+    return stages
+
+
+def report_latency(base_net: torch.nn.Module, exported: torch.nn.Module, dm: DigitsDataModule, batches: list[int],
+                   reps: int) -> dict[int, float]:
+    """Print the interleaved latency of the exported vs. the float model per batch size, the
+    per-stage profile at each batch size and the MACs per layer; return the ratio of medians."""
+    nets = {"float": base_net, "exported": exported}
+    print(f"latency: wall clock (perf_counter), torch.set_num_threads({torch.get_num_threads()}), eval mode, "
+          f"torch.inference_mode, same validation images, 20 warm-up forwards each, then {reps} forwards "
+          "per net interleaved (float, exported / exported, float alternating); median [min-max]")
+    ratios = {}
+    for batch in batches:
+        x = _inputs(dm, batch)
+        t = latency(nets, x, reps)
+        ratio = statistics.median(t["exported"]) / statistics.median(t["float"])
+        pair = statistics.median(e / f for e, f in zip(t["exported"], t["float"]))
+        ratios[batch] = ratio
+        print(f"  batch {batch:>3}: float {_fmt(t['float'])} | exported {_fmt(t['exported'])} | "
+              f"ratio of medians {ratio:.2f}, median of paired ratios {pair:.2f} (target <= 0.35)")
+    for batch in batches:
+        x = _inputs(dm, batch)
+        stages = profile_stages(nets, x, max(reps // 2, 20))
+        total = {k: sum(statistics.median(t[k]) for _, t in stages) for k in nets}
+        print(f"  per-stage median wall time, batch {batch} (share of the sum of stages):")
+        for name, t in stages:
+            f, e = statistics.median(t["float"]), statistics.median(t["exported"])
+            print(f"    {name:<24} float {1e3 * f:8.3f} ms ({100 * f / total['float']:4.1f}%) | exported {1e3 * e:8.3f} ms "
+                  f"({100 * e / total['exported']:4.1f}%) | ratio {e / f:.2f}")
+    x = _inputs(dm, 1)
+    m_float, m_small = macs(base_net, x), macs(exported, x)
+    print(f"  MACs per sample: float {sum(m_float.values()):,} | exported {sum(m_small.values()):,} = "
+          f"{sum(m_small.values()) / sum(m_float.values()):.2f} (what a compute-bound forward would approach); per layer: "
+          + ", ".join(f"{n} {m_small.get(n, 0) / m_float[n]:.2f}" for n in m_float))
+    return ratios
+
+
+def train_step_times(full: torch.nn.Module, small: torch.nn.Module, dm: DigitsDataModule, gamma: float,
+                     reps: int) -> dict[str, list[float]]:
+    """Interleaved wall time of one plain training step (forward, cross-entropy, backward, size
+    gradient, AdamW step) of the full-size quantised network and of the shrunk one, on the same
+    training batch: the first-vs-last-epoch comparison without the load drift between epochs."""
+    x, y = (t[:DEFAULTS["batch_size"]] for t in dm.train_set.tensors)
+    fns = []
+    for net in (full, small):
+        net.train()
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+
+        def step(net=net, opt=opt) -> None:
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(x), y).backward()
+            add_size_grad(net, gamma)
+            opt.step()
+
+        fns.append(step)
+    return dict(zip(("full", "shrunk"), _interleaved(fns, reps, warmup=5)))
 
 
 class CompressibleResNet9(ResNet9):
@@ -104,6 +223,7 @@ class CompressibleResNet9(ResNet9):
     def __init__(self, epochs: int, quant_lr: float, widths: tuple[int, ...], **kwargs) -> None:
         super().__init__(widths=widths, in_channels=1, optimizer="adamw", **kwargs)
         self.epochs, self.quant_lr, self.exponent_lr = epochs, quant_lr, None
+        self.freeze_quant_at = None  # plain cosine for every group
 
 
 def run(gamma: float | None, args) -> dict:
@@ -143,19 +263,43 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", choices=["digits", "resnet9"], default="digits")
     parser.add_argument("--widths", type=int, nargs=4, default=[32, 64, 128, 256], help="ResNet-9 widths")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for training and latency")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32, 256], help="latency batch sizes")
+    parser.add_argument("--reps", type=int, default=400, help="timed forwards per net and batch size")
+    parser.add_argument("--steps", type=int, default=100, help="interleaved training steps per net")
+    parser.add_argument("--save", help="torch.save the float and the exported net here (for --load)")
+    parser.add_argument("--load", help="skip training: latency of the nets saved by --save")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
+    if args.load:
+        saved = torch.load(args.load, weights_only=False)
+        print(f"nets loaded from {args.load}: {saved['what']}")
+        dm = DigitsDataModule(batch_size=DEFAULTS["batch_size"])
+        dm.setup("fit")
+        ratios = report_latency(saved["float"], saved["exported"], dm, args.batches, args.reps)
+        return {"latency": ratios}
     decisions: list = []
     _time_removals(decisions)
     base = run(None, args)
     comp = run(args.gamma, args)
     cb, stats, clock = comp["callback"], comp["stats"], comp["clock"]
 
-    print(f"{args.model} ({'widths ' + str(args.widths) if args.model == 'resnet9' else 'channels 32, 64, 64'}), gamma={args.gamma:g}, {args.epochs} epochs, removal every {args.interval} step(s)")
+    what = (f"{args.model} ({'widths ' + str(args.widths) if args.model == 'resnet9' else 'channels 32, 64, 64'}), "
+            f"gamma={args.gamma:g}, shift_decay={args.shift_decay:g}, {args.epochs} epochs, removal every "
+            f"{args.interval} step(s), seed {args.seed}")
+    print(what)
     dead = ChannelRemoval.dead(comp["model"])
     print("channels (before -> after, dead but still there): " + ", ".join(
         f"{c['layer']} {c['channels_before']}->{c['channels_after']} ({int(dead[c['layer']].sum())})"
         for c in cb.channels if c["layer"] in dead))
+    graph = ChannelGraph(comp["model"].eval(), torch.zeros(2, 1, 8, 8))
+    for g in graph.groups:
+        if len(g.producers) > 1 and all(p in dead for p in g.producers):
+            in_all = torch.stack([dead[p] for p in g.producers]).all(0)
+            print(f"  residual group {' + '.join(g.producers)}: {int(in_all.sum())} channel(s) dead in every producer "
+                  "(kept: non-zero constant, or the last channel), "
+                  + ", ".join(f"{int((dead[p] & ~in_all).sum())} dead only in {p}" for p in g.producers)
+                  + " (kept: another producer of the sum still uses them)")
     drop = 100 * (base["acc"] - comp["acc"])
     print(f"accuracy: float {100 * base['acc']:.2f}% | compressed {100 * comp['acc']:.2f}% (drop {drop:+.2f} pp)")
     print(f"weights kept {stats['weights_pct']:.2f}% (target <= 18%) | bits kept {stats['bits_pct']:.2f}% "
@@ -164,38 +308,50 @@ def main(argv: list[str] | None = None) -> dict:
     exported = export_compressed(comp["model"].net, torch.zeros(2, 1, 8, 8))
     params_small = sum(p.numel() for p in exported.parameters())
     print(f"exported parameters {params_small} vs float {params_float} ({100 * params_small / params_float:.1f}%); "
-          f"exported acc {100 * _accuracy(exported, comp['dm']):.2f}%")
+          f"exported acc {100 * _accuracy(exported, comp['dm']):.2f}%; exported channels: " + ", ".join(
+              f"{n} {m.out_channels if isinstance(m, torch.nn.Conv2d) else m.out_features}"
+              for n, m in exported.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))))
+    if args.save:
+        torch.save({"what": what, "float": base["model"].net, "exported": exported}, args.save)
 
     gone75 = next((i for i, w in enumerate(clock.weights) if w <= 25.0), None)
     ratio = clock.epochs[-1] / clock.epochs[0]
     base_ratio = base["clock"].epochs[-1] / base["clock"].epochs[0]
+    full = max(i for i, w in enumerate(clock.weights) if w >= 99.99) if clock.weights[0] >= 99.99 else 0
     per_epoch = len(clock.batches) // args.epochs
     first, last = (statistics.median(clock.batches[i * per_epoch:(i + 1) * per_epoch]) for i in (0, args.epochs - 1))
-    print(f"epoch CPU time: first {clock.epochs[0]:.3f} s, last {clock.epochs[-1]:.3f} s, last/first {ratio:.2f} "
-          f"(target <= 0.5; the float run's own last/first is {base_ratio:.2f}: the first epoch carries warm-up); "
-          f"wall last/first {clock.walls[-1] / clock.walls[0]:.2f}")
-    full = max(i for i, w in enumerate(clock.weights) if w >= 99.99) if clock.weights[0] >= 99.99 else 0
-    print(f"warm-up-free: last epoch / last full-size epoch ({full}) CPU time {clock.epochs[-1] / clock.epochs[full]:.2f}")
-    print(f"median step CPU time: first epoch {1e3 * first:.2f} ms, last epoch {1e3 * last:.2f} ms, last/first "
-          f"{last / first:.2f}; >= 75% of weights gone from epoch {gone75 if gone75 is not None else 'never'}; "
-          "% weights per epoch: " + " ".join(f"{w:.0f}" for w in clock.weights))
+    print("epoch wall time (perf_counter from on_train_epoch_start to on_train_epoch_end, "
+          f"torch.set_num_threads({torch.get_num_threads()})), s: " + " ".join(f"{t:.2f}" for t in clock.epochs))
+    print("% weights at each epoch end: " + " ".join(f"{w:.0f}" for w in clock.weights)
+          + f"; >= 75% of weights gone from epoch {gone75 if gone75 is not None else 'never'}")
+    print(f"epoch wall time last/first {ratio:.2f} (target <= 0.5; the float run's own last/first is {base_ratio:.2f}, "
+          f"the first epoch carries warm-up) | last / last full-size epoch ({full}) {clock.epochs[-1] / clock.epochs[full]:.2f}"
+          f" | CPU time last/first {clock.cpu[-1] / clock.cpu[0]:.2f}")
+    print(f"median step wall time: first epoch {1e3 * first:.2f} ms, last epoch {1e3 * last:.2f} ms, last/first "
+          f"{last / first:.2f}")
 
-    for batch, reps in ((1, 300), (256, 50)):
-        t_float, t_small = _latency([base["model"].net, exported], batch, reps)
-        print(f"CPU latency (process time, fastest of {reps}) batch {batch}: exported {1e3 * t_small:.3f} ms / float {1e3 * t_float:.3f} ms = "
-              f"{t_small / t_float:.2f} (target <= 0.35)")
+    full = copy.deepcopy(base["model"].net)
+    attach_quantizers(full, init_bits=DEFAULTS["init_bits"])
+    t = train_step_times(full, copy.deepcopy(comp["model"].net), comp["dm"], args.gamma, args.steps)
+    full_t, small_t = statistics.median(t["full"]), statistics.median(t["shrunk"])
+    print(f"training step, interleaved (plain torch: forward, loss, backward, size gradient, AdamW; batch "
+          f"{DEFAULTS['batch_size']}; {args.steps} steps each): full-size quantised {_fmt(t['full'])} | shrunk "
+          f"{_fmt(t['shrunk'])} | shrunk/full {small_t / full_t:.2f} (target <= 0.5)")
 
     step = statistics.median(clock.batches)
     events = [t for k, t in decisions if k == "event"]
     plain = [t for k, t in decisions if k == "decide"]
     trace = [t for k, t in decisions if k == "trace"]
     if events:
-        print(f"removal event: median {1e3 * statistics.median(events):.2f} ms = "
+        print(f"removal event (wall): median {1e3 * statistics.median(events):.2f} ms = "
               f"{statistics.median(events) / step:.2f} optimizer steps (median step {1e3 * step:.2f} ms; target <= 5); "
               f"worst {max(events) / step:.2f} steps; {len(events)} events")
     print(f"decision without removal: median {1e3 * statistics.median(plain):.3f} ms = "
           f"{statistics.median(plain) / step:.3f} steps; one-off trace {1e3 * sum(trace):.1f} ms")
-    return {"ratio": ratio, "step_ratio": last / first, "weights_pct": stats["weights_pct"], "bits_pct": stats["bits_pct"], "drop": drop}
+
+    ratios = report_latency(base["model"].net, exported, comp["dm"], args.batches, args.reps)
+    return {"ratio": ratio, "step_ratio": last / first, "weights_pct": stats["weights_pct"],
+            "bits_pct": stats["bits_pct"], "drop": drop, "latency": ratios}
 
 
 if __name__ == "__main__":
