@@ -66,6 +66,10 @@ class SelfCompression(StepHookCallback):
             the layers and the optimizer state shrink, checkpoints keep loading, DDP is rebuilt.
         removal_interval: decide about removal every this many optimizer steps.
         shift_decay: L1 proximal step per decision on the bias / BatchNorm shift of dead channels.
+        freeze_at: fraction in (0, 1) of the training's optimizer steps
+            (``trainer.estimated_stepping_batches``) after which ``bits``/``exponent`` are held fixed
+            (put back after every optimizer step, no size gradient), so the weights fine-tune on the
+            final quantisation; None: they train to the end.
 
     Raises:
         ValueError: a bad argument (at construction); at setup, an ``exclude`` name matching no
@@ -91,6 +95,7 @@ class SelfCompression(StepHookCallback):
         remove_channels: bool = False,
         removal_interval: int = 1,
         shift_decay: float = 1e-3,
+        freeze_at: float | None = None,
     ) -> None:
         if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not math.isfinite(gamma) or gamma < 0:
             raise ValueError(f"`gamma` must be a finite number >= 0, got {gamma!r}")
@@ -105,6 +110,12 @@ class SelfCompression(StepHookCallback):
                 isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0
             ):
                 raise ValueError(f"`{name}` must be a positive finite number or None, got {value!r}")
+        if freeze_at is not None and (
+            isinstance(freeze_at, bool) or not isinstance(freeze_at, (int, float)) or not 0 < freeze_at < 1
+        ):
+            raise ValueError(f"`freeze_at` must be in (0, 1) or None, got {freeze_at!r}")
+        self.freeze_at = freeze_at
+        self._freeze_step: float = math.inf
         if isinstance(optimizer_index, bool) or not isinstance(optimizer_index, int) or optimizer_index < 0:
             raise ValueError(f"`optimizer_index` must be an integer >= 0, got {optimizer_index!r}")
         self.gamma = float(gamma)
@@ -116,6 +127,7 @@ class SelfCompression(StepHookCallback):
         self.report: list[dict[str, Any]] = []
         self._groups: list[tuple[dict, float | None]] = []
         self._saved: list[torch.Tensor] = []
+        self._frozen = False
         self.plot: Path | None = None
         if not isinstance(remove_channels, bool):
             raise ValueError(f"`remove_channels` must be True or False, got {remove_channels!r}")
@@ -169,6 +181,11 @@ class SelfCompression(StepHookCallback):
         return [(opt.param_groups[i - len(groups)], fixed) for i, (_, _, fixed) in enumerate(groups)]
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.freeze_at is not None:
+            total = trainer.estimated_stepping_batches
+            if not math.isfinite(total):
+                raise ValueError(f"`freeze_at` needs a finite training length (max_steps or max_epochs), got {total}")
+            self._freeze_step = math.ceil(self.freeze_at * total)
         for group, lr in self._groups:
             if lr is not None:
                 group["lr"] = lr  # the configured lr wins over a restored optimizer state
@@ -176,15 +193,22 @@ class SelfCompression(StepHookCallback):
     # --- every optimizer step ----------------------------------------------------------------
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer) -> None:
         bits = {id(p) for p in quantizer_parameters(pl_module)}
-        if not any(id(p) in bits for g in optimizer.param_groups for p in g["params"]):
+        if trainer.global_step >= self._freeze_step or not any(
+            id(p) in bits for g in optimizer.param_groups for p in g["params"]
+        ):
             return
         if not add_size_grad(pl_module, self.gamma):
             rank_zero_warn("SelfCompression: non-finite bits or gradient; the size gradient was skipped this step")
 
     def before_step(self, trainer: Trainer, index: int, optimizer: torch.optim.Optimizer) -> None:
         self._saved = snapshot(trainer.lightning_module)
+        self._frozen = trainer.global_step >= self._freeze_step
 
     def after_step(self, trainer: Trainer, index: int, optimizer: torch.optim.Optimizer) -> None:
+        if self._frozen:  # hold bits/exponents at their values from the freeze step on
+            with torch.no_grad():
+                for p, old in zip(quantizer_parameters(trainer.lightning_module), self._saved):
+                    p.copy_(old)
         repaired = repair_nonfinite(trainer.lightning_module, self._saved)
         if repaired:
             rank_zero_warn(

@@ -35,7 +35,7 @@ from pl_optim.compression.report import plot_series
 #: The recipe shared by the float and the compressed runs (tuned here, see docs/self_compression.md).
 DEFAULTS = dict(
     epochs=30, lr=3e-3, quant_lr=0.05, exponent_lr=0.01, label_smoothing=0.1, init_bits=8.0, batch_size=64,
-    remove_channels=True, recalibrate_bn=True,
+    remove_channels=True, recalibrate_bn=True, freeze_at=None,
 )
 
 
@@ -97,9 +97,11 @@ def train(
     exponent_lr: float | None = DEFAULTS["exponent_lr"],
     label_smoothing: float = DEFAULTS["label_smoothing"],
     recalibrate_bn: bool = DEFAULTS["recalibrate_bn"],
+    freeze_at: float | None = DEFAULTS["freeze_at"],
 ) -> dict:
     """Train DigitsConvNet (AdamW, cosine lr, label smoothing) in float (``gamma=None``) or with SelfCompression
-    (dead channels removed during training when ``remove_channels``), then (``recalibrate_bn``)
+    (dead channels removed during training when ``remove_channels``; bits/exponents held fixed from ``freeze_at``
+    of the steps on), then (``recalibrate_bn``)
     re-estimate the BatchNorm statistics on the training set; return validation accuracy,
     % bits, % weights, the packed file's bytes and the accuracy of the model reloaded from it."""
     pl.seed_everything(seed, verbose=False)
@@ -109,7 +111,7 @@ def train(
         label_smoothing=label_smoothing,
     )
     callbacks = [] if gamma is None else [
-        SelfCompression(gamma, init_bits=init_bits, plot_path=False, remove_channels=remove_channels)
+        SelfCompression(gamma, init_bits=init_bits, plot_path=False, remove_channels=remove_channels, freeze_at=freeze_at)
     ]
     trainer = pl.Trainer(
         max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
@@ -135,7 +137,9 @@ def train(
     return result
 
 
-def add_recipe_arguments(parser: argparse.ArgumentParser, epochs: int = DEFAULTS["epochs"]) -> None:
+def add_recipe_arguments(
+    parser: argparse.ArgumentParser, epochs: int = DEFAULTS["epochs"], freeze_at: float | None = DEFAULTS["freeze_at"]
+) -> None:
     """Command-line options of the training recipe (shared with the benchmark)."""
     parser.add_argument("--epochs", type=int, default=epochs)
     parser.add_argument("--lr", type=float, default=DEFAULTS["lr"])
@@ -145,13 +149,15 @@ def add_recipe_arguments(parser: argparse.ArgumentParser, epochs: int = DEFAULTS
     parser.add_argument("--init-bits", type=float, default=DEFAULTS["init_bits"])
     parser.add_argument("--keep-channels", action="store_true", help="do not remove dead channels during training")
     parser.add_argument("--no-recalibrate", action="store_true", help="keep the BatchNorm statistics of training")
+    parser.add_argument("--freeze-at", type=float, default=freeze_at,
+                        help="fraction of the optimizer steps after which bits/exponents are held fixed (0: never)")
 
 
 def recipe(args: argparse.Namespace) -> tuple[dict, dict]:
     """``train`` keyword arguments of the float run and of the compressed runs."""
     shared = dict(epochs=args.epochs, lr=args.lr, label_smoothing=args.label_smoothing, recalibrate_bn=not args.no_recalibrate)
     compressed = dict(shared, quant_lr=args.quant_lr, exponent_lr=args.exponent_lr, init_bits=args.init_bits,
-                      remove_channels=not args.keep_channels)
+                      remove_channels=not args.keep_channels, freeze_at=args.freeze_at or None)
     return shared, compressed
 
 

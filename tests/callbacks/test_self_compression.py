@@ -38,6 +38,17 @@ class BitsOnlyOptimizer(TinyConvNet):
         return torch.optim.SGD([p for n, p in self.named_parameters() if "original" in n or "bn" in n], lr=0.05)
 
 
+class Record(Callback):
+    """Concatenated bits/exponents (and the first conv's weight) after every training batch."""
+
+    def __init__(self):
+        self.bits, self.weights = [], []
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        self.bits.append(torch.cat([p.detach().clone() for p in quantizer_parameters(pl_module)]))
+        self.weights.append(pl_module.net[0][0].parametrizations.weight.original.detach().clone())
+
+
 def _data():
     return RandomClassificationData(n=64, shape=(1, 8, 8), batch_size=8)
 
@@ -108,13 +119,6 @@ def test_group_added_when_configure_optimizers_left_them_out(trainer_kwargs):
 
 
 def test_amp_skipped_steps_leave_bits_untouched(trainer_kwargs):
-    class Record(Callback):
-        def __init__(self):
-            self.bits = []
-
-        def on_train_batch_end(self, trainer, pl_module, *args):
-            self.bits.append(torch.cat([p.detach().clone() for p in quantizer_parameters(pl_module)]))
-
     rec = Record()
     model = TinyConvNet(optimizer="sgd", lr=0.1)
     _fit(trainer_kwargs, model, SelfCompression(GAMMA), limit_train_batches=5, plugins=[fp16_cpu_plugin()],
@@ -122,6 +126,27 @@ def test_amp_skipped_steps_leave_bits_untouched(trainer_kwargs):
     assert torch.equal(rec.bits[1], rec.bits[2])  # step 2 skipped: no size gradient applied
     assert not torch.equal(rec.bits[2], rec.bits[3])
     assert all(torch.isfinite(b).all() for b in rec.bits)
+
+
+def test_freeze_at_holds_bits_and_equals_zero_lr_for_them(trainer_kwargs):
+    class ZeroQuantLr(Callback):  # reference: the quantiser group's lr drops to 0 from step 4 on
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 4:
+                trainer.optimizers[0].param_groups[1]["lr"] = 0.0
+
+    runs = []
+    for freeze_at, extra in [(0.5, []), (None, [ZeroQuantLr()])]:
+        pl.seed_everything(0)
+        model, rec = TinyConvNet(optimizer="sgd", lr=0.1, momentum=0.9), Record()
+        _fit(trainer_kwargs, model, SelfCompression(GAMMA, lr=0.05, freeze_at=freeze_at), limit_train_batches=8,
+             callbacks=[rec, *extra])
+        runs.append((model, rec))
+    (frozen, rec), (reference, _) = runs
+    assert len(rec.bits) == 8 and not torch.equal(rec.bits[2], rec.bits[3])  # 4 steps of 8 trained the bits
+    assert all(torch.equal(rec.bits[3], b) for b in rec.bits[4:])  # then they are held
+    assert not torch.equal(rec.weights[3], rec.weights[7])  # while the weights keep training
+    for a, b in zip(frozen.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_nonfinite_bits_are_repaired_with_a_warning(trainer_kwargs):
@@ -190,6 +215,8 @@ def test_resume_from_checkpoint_restores_quantisers(trainer_kwargs, tmp_path):
         (dict(gamma=1.0, exponent_lr=float("nan")), r"`exponent_lr` must be a positive finite number or None, got nan"),
         (dict(gamma=1.0, optimizer_index=-1), r"`optimizer_index` must be an integer >= 0, got -1"),
         (dict(gamma=1.0, exclude=[3]), r"`exclude` must be layer names \(strings\), got \[3\]"),
+        (dict(gamma=1.0, freeze_at=1.0), r"`freeze_at` must be in \(0, 1\) or None, got 1.0"),
+        (dict(gamma=1.0, freeze_at=True), r"`freeze_at` must be in \(0, 1\) or None, got True"),
     ],
 )
 def test_bad_arguments(kwargs, match):
