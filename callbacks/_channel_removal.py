@@ -10,7 +10,6 @@ Lightning copies the weights — Lightning restores the model before any callbac
 from __future__ import annotations
 
 import gc
-import math
 from typing import Any
 
 import torch
@@ -19,17 +18,12 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from pl_optim.checks import non_negative
 from pl_optim.compression.graph import ChannelGraph, output_size
 from pl_optim.compression.quantizer import dead_channels, quantized_layers
 from pl_optim.compression.surgery import ChannelRemover, match_shapes, shrink_constants
 
 _SIZED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-
-
-def _check_nonneg(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}")
-    return float(value)
 
 
 class ChannelRemoval:
@@ -54,8 +48,8 @@ class ChannelRemoval:
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
             raise ValueError(f"`removal_interval` must be an integer >= 1, got {interval!r}")
         self.interval = interval
-        self.shift_decay = _check_nonneg("shift_decay", shift_decay)
-        self.atol = _check_nonneg("atol", atol)
+        self.shift_decay = non_negative("shift_decay", shift_decay)
+        self.atol = non_negative("atol", atol)
         self.kept: dict[str, dict[str, torch.Tensor]] = {}
         self.original: dict[str, int] = {}
         self.events: list[tuple[int, str, int]] = []

@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from pl_optim.callbacks._base import StepHookCallback, refuse_sharded_strategy
 from pl_optim.callbacks._channel_removal import ChannelRemoval
+from pl_optim.checks import non_negative, positive
 from pl_optim.compression.quantizer import (
     attach_quantizers,
     check_init_bits,
@@ -97,19 +98,15 @@ class SelfCompression(StepHookCallback):
         shift_decay: float = 1e-3,
         freeze_at: float | None = None,
     ) -> None:
-        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not math.isfinite(gamma) or gamma < 0:
-            raise ValueError(f"`gamma` must be a finite number >= 0, got {gamma!r}")
+        gamma = non_negative("gamma", gamma)
         self.init_bits = check_init_bits(init_bits)
         if isinstance(exclude, str):
             exclude = [exclude]
         self.exclude = list(exclude)
         if not all(isinstance(x, str) for x in self.exclude):
             raise ValueError(f"`exclude` must be layer names (strings), got {self.exclude!r}")
-        for name, value in (("lr", lr), ("exponent_lr", exponent_lr)):
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0
-            ):
-                raise ValueError(f"`{name}` must be a positive finite number or None, got {value!r}")
+        positive("lr", lr, allow_none=True)
+        positive("exponent_lr", exponent_lr, allow_none=True)
         if freeze_at is not None and (
             isinstance(freeze_at, bool) or not isinstance(freeze_at, (int, float)) or not 0 < freeze_at < 1
         ):

@@ -14,12 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from pl_optim.checks import positive
+
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad")
-
-
-def _check_positive(name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and value > 0 and value == value and value != float("inf")):
-        raise ValueError(f"`{name}` must be a positive finite number, got {value!r}")
 
 
 def _check_widths(name: str, widths: Sequence[int], count: int) -> tuple[int, ...]:
@@ -56,7 +53,7 @@ class ClassifierModule(pl.LightningModule):
         super().__init__()
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"`optimizer` must be one of {OPTIMIZERS}, got {optimizer!r}")
-        _check_positive("lr", lr)
+        positive("lr", lr)
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"`momentum` must be in [0, 1), got {momentum!r}")
         if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pl_optim.checks import positive
 from pl_optim.schedules import write_field
 
 SUGGESTIONS = ("min_div_10", "steepest")
@@ -155,8 +156,7 @@ def restored(modules: Sequence[nn.Module], optimizer: torch.optim.Optimizer) -> 
 def check_range_args(min_lr: float, max_lr: float, num_steps: int, smoothing: float, diverge_threshold: float) -> None:
     """Validate the sweep's arguments (``ValueError`` naming the argument and echoing the value)."""
     for name, v in (("min_lr", min_lr), ("max_lr", max_lr), ("diverge_threshold", diverge_threshold)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
-            raise ValueError(f"`{name}` must be a positive finite number, got {v!r}")
+        positive(name, v)
     if max_lr <= min_lr:
         raise ValueError(f"`max_lr` must be > `min_lr` ({min_lr!r}), got {max_lr!r}")
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 3:

@@ -42,6 +42,8 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
+from pl_optim.checks import finite as _finite
+
 __all__ = [
     "Schedule",
     "Constant",
@@ -62,12 +64,6 @@ __all__ = [
 ]
 
 Length = int | float
-
-
-def _finite(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"`{name}` must be a finite number, got {value!r}")
-    return float(value)
 
 
 def _positive(name: str, value: float) -> float:

@@ -32,6 +32,7 @@ from typing import Literal
 import torch
 from torch.utils.hooks import RemovableHandle
 
+from pl_optim.checks import non_negative
 from pl_optim.steps import StepHooks, check_optimizers
 
 Mode = Literal["lr", "lr_ratio", "constant", "l2"]
@@ -48,9 +49,7 @@ _STEP_ZERO = float("0")
 
 def check_weight_decay(value: object, name: str = "weight_decay") -> float:
     """Return ``value`` as a float, or raise ``ValueError`` unless it is a finite number >= 0."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}")
-    return float(value)
+    return non_negative(name, value)
 
 
 def check_mode(mode: object) -> str:

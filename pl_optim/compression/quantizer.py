@@ -30,14 +30,14 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from pl_optim.checks import positive
+
 #: Layer types that get a quantiser: output channels are dim 0 of their ``weight``.
 QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 def check_init_bits(init_bits: float) -> float:
-    if isinstance(init_bits, bool) or not isinstance(init_bits, (int, float)) or not math.isfinite(init_bits) or init_bits <= 0:
-        raise ValueError(f"`init_bits` must be a positive finite number, got {init_bits!r}")
-    return float(init_bits)
+    return positive("init_bits", init_bits)
 
 
 def ste_round(x: torch.Tensor) -> torch.Tensor:
