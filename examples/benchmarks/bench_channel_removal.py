@@ -40,6 +40,7 @@ from pl_optim.callbacks import SelfCompression
 from pl_optim.callbacks._channel_removal import ChannelRemoval
 from pl_optim.compression import attach_quantizers, compression_stats, export_compressed
 from pl_optim.compression.graph import ChannelGraph
+from pl_optim.compression.inference import simplify_for_inference
 from pl_optim.compression.quantizer import quantized_layers
 from pl_optim.compression.size import add_size_grad, layer_size_bits
 
@@ -161,9 +162,25 @@ def profile_stages(nets: dict[str, torch.nn.Module], x: torch.Tensor, reps: int)
 
 
 def report_latency(base_net: torch.nn.Module, exported: torch.nn.Module, dm: DigitsDataModule, batches: list[int],
-                   reps: int) -> dict[int, float]:
+                   reps: int) -> dict[str, dict[int, float]]:
     """Print the interleaved latency of the exported vs. the float model per batch size, the
-    per-stage profile at each batch size and the MACs per layer; return the ratio of medians."""
+    per-stage profile at each batch size and the MACs per layer; then the same latency with both
+    nets passed through :func:`~pl_optim.compression.inference.simplify_for_inference` (BatchNorm
+    folded in both, the exported net's dead branches folded to constants). Return the ratios of
+    medians, ``{"plain": {batch: ratio}, "simplified": {batch: ratio}}``."""
+    ratios = {"plain": _latency_ratios(base_net, exported, dm, batches, reps)}
+    _profile(base_net, exported, dm, batches, reps)
+    x = _inputs(dm, 64)
+    simple = {k: simplify_for_inference(net, x) for k, net in (("float", base_net), ("exported", exported))}
+    counts = {k: sum(n.op.startswith("call") for n in net.graph.nodes) for k, net in simple.items()}
+    print("simplify_for_inference on both nets (BatchNorm folded into the convs; input-independent branches "
+          f"folded to constants): ops per forward float {counts['float']}, exported {counts['exported']}")
+    ratios["simplified"] = _latency_ratios(simple["float"], simple["exported"], dm, batches, reps)
+    return ratios
+
+
+def _latency_ratios(base_net: torch.nn.Module, exported: torch.nn.Module, dm: DigitsDataModule, batches: list[int],
+                    reps: int) -> dict[int, float]:
     nets = {"float": base_net, "exported": exported}
     print(f"latency: wall clock (perf_counter), torch.set_num_threads({torch.get_num_threads()}), eval mode, "
           f"torch.inference_mode, same validation images, 20 warm-up forwards each, then {reps} forwards "
@@ -177,6 +194,12 @@ def report_latency(base_net: torch.nn.Module, exported: torch.nn.Module, dm: Dig
         ratios[batch] = ratio
         print(f"  batch {batch:>3}: float {_fmt(t['float'])} | exported {_fmt(t['exported'])} | "
               f"ratio of medians {ratio:.2f}, median of paired ratios {pair:.2f} (target <= 0.35)")
+    return ratios
+
+
+def _profile(base_net: torch.nn.Module, exported: torch.nn.Module, dm: DigitsDataModule, batches: list[int],
+             reps: int) -> None:
+    nets = {"float": base_net, "exported": exported}
     for batch in batches:
         x = _inputs(dm, batch)
         stages = profile_stages(nets, x, max(reps // 2, 20))
@@ -191,7 +214,6 @@ def report_latency(base_net: torch.nn.Module, exported: torch.nn.Module, dm: Dig
     print(f"  MACs per sample: float {sum(m_float.values()):,} | exported {sum(m_small.values()):,} = "
           f"{sum(m_small.values()) / sum(m_float.values()):.2f} (what a compute-bound forward would approach); per layer: "
           + ", ".join(f"{n} {m_small.get(n, 0) / m_float[n]:.2f}" for n in m_float))
-    return ratios
 
 
 class ComputeWeightedSize(Callback):
@@ -267,7 +289,8 @@ def run(gamma: float | None, args) -> dict:
     callbacks = [clock]
     if gamma is not None:
         callbacks.append(SelfCompression(gamma, init_bits=DEFAULTS["init_bits"], plot_path=False, remove_channels=True,
-                                         removal_interval=args.interval, shift_decay=args.shift_decay))
+                                         removal_interval=args.interval, shift_decay=args.shift_decay,
+                                         freeze_at=args.freeze_at))
         if args.mac_weight:
             callbacks.append(ComputeWeightedSize(args.mac_weight))
     trainer = pl.Trainer(
@@ -291,6 +314,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quant-lr", type=float, default=DEFAULTS["quant_lr"])
     parser.add_argument("--interval", type=int, default=1, help="removal_interval (optimizer steps)")
     parser.add_argument("--shift-decay", type=float, default=1e-3)
+    parser.add_argument("--freeze-at", type=float, default=None,
+                        help="SelfCompression(freeze_at=...): bits/exponents fixed for the last part of training")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", choices=["digits", "resnet9"], default="digits")
     parser.add_argument("--widths", type=int, nargs=4, default=[32, 64, 128, 256], help="ResNet-9 widths")
@@ -318,7 +343,7 @@ def main(argv: list[str] | None = None) -> dict:
     cb, stats, clock = comp["callback"], comp["stats"], comp["clock"]
 
     what = (f"{args.model} ({'widths ' + str(args.widths) if args.model == 'resnet9' else 'channels 32, 64, 64'}), "
-            f"gamma={args.gamma:g}, mac_weight={args.mac_weight:g}, shift_decay={args.shift_decay:g}, {args.epochs} epochs, removal every "
+            f"gamma={args.gamma:g}, mac_weight={args.mac_weight:g}, shift_decay={args.shift_decay:g}, freeze_at={args.freeze_at}, {args.epochs} epochs, removal every "
             f"{args.interval} step(s), seed {args.seed}")
     print(what)
     dead = ChannelRemoval.dead(comp["model"])
