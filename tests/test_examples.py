@@ -120,3 +120,23 @@ def test_cli_bad_arguments_one_line(args, needle):
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and needle in errors[0], out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_channel_removal_benchmark_runs_end_to_end(tmp_path, capsys):
+    """The benchmark script on a tiny ResNet-9 shape (2 epochs, a few timed reps): every figure is
+    printed and returned, and --load re-times the saved nets. (Smoke test: the figures themselves come
+    from the full run, see docs/channel_removal.md.)"""
+    from examples.benchmarks.bench_channel_removal import main
+
+    saved = tmp_path / "nets.pt"
+    out = main(["--model", "resnet9", "--widths", "4", "8", "8", "8", "--epochs", "2", "--gamma", "1", "--reps", "3",
+                "--steps", "2", "--batches", "1", "2", "--save", str(saved)])
+    text = capsys.readouterr().out
+    for needle in ("weights kept", "epoch wall time last/first", "training step, interleaved", "per-stage median",
+                   "simplify_for_inference on both nets", "MACs per sample"):
+        assert needle in text
+    assert set(out["latency"]) == {"plain", "simplified"} and set(out["latency"]["plain"]) == {1, 2}
+    assert all(v > 0 for r in out["latency"].values() for v in r.values())
+    assert 0 < out["weights_pct"] <= 100 and 0 < out["bits_pct"] <= 100
+    again = main(["--load", str(saved), "--reps", "3", "--batches", "1"])
+    assert set(again["latency"]["simplified"]) == {1}

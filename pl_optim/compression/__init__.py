@@ -8,6 +8,7 @@ from pl_optim.compression.export import (
     recalibrate_batchnorm,
     save_packed,
 )
+from pl_optim.compression.inference import simplify_for_inference
 from pl_optim.compression.quantizer import (
     ChannelQuantizer,
     attach_quantizers,
@@ -38,6 +39,7 @@ __all__ = [
     "read_packed",
     "recalibrate_batchnorm",
     "save_packed",
+    "simplify_for_inference",
     "size_bits",
     "size_loss",
 ]
