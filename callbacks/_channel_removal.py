@@ -20,7 +20,7 @@ from torch import nn
 
 from pl_optim.checks import non_negative
 from pl_optim.compression.graph import ChannelGraph, output_size
-from pl_optim.compression.quantizer import dead_channels, quantized_layers
+from pl_optim.compression.quantizer import dead_channels, quantize, quantized_layers
 from pl_optim.compression.surgery import ChannelRemover, match_shapes, shrink_constants
 
 _SIZED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -133,11 +133,23 @@ class ChannelRemoval:
 
     @staticmethod
     def dead(pl_module: nn.Module) -> dict[str, torch.Tensor]:
-        """Quantised layer -> bool ``[C_out]``: dead by the quantiser's rule AND a zero weight row."""
-        return {
-            name: (dead_channels(q) & (layer.weight.detach().flatten(1) == 0).all(1)).cpu()
-            for name, (layer, q) in quantized_layers(pl_module).items()
-        }
+        """Quantised layer -> bool ``[C_out]``: dead by the quantiser's rule AND a zero weight row.
+
+        Runs every decision, so only the rows of channels dead by the rule are quantised (without
+        autograd): quantising every weight of a full-size network costs a sizeable part of a step."""
+        out = {}
+        with torch.no_grad():
+            for name, (layer, q) in quantized_layers(pl_module).items():
+                by_rule = dead_channels(q)
+                dead = torch.zeros_like(by_rule)
+                idx = by_rule.nonzero().squeeze(1)
+                if idx.numel():
+                    chain = layer.parametrizations.weight
+                    rows = (quantize(chain.original[idx], q.bits[idx], q.exponent[idx]) if len(chain) == 1
+                            else layer.weight[idx])  # another parametrization too: the full weight
+                    dead[idx] = (rows.flatten(1) == 0).all(1)
+                out[name] = dead.cpu()
+        return out
 
     def _ensure_graph(self, pl_module: LightningModule) -> bool:
         if self.graph is not None:

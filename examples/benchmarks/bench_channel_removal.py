@@ -1,7 +1,7 @@
 """Benchmark: removing dead channels during training (SelfCompression(remove_channels=True)).
 
 One float run and one self-compressing run of the ResNet-9 shape (default: the example's widths,
-64/128/256/512, gamma 3, bits frozen for the last quarter) or (``--model digits``) the digits
+64/128/256/512, gamma 1, bits frozen for the last quarter) or (``--model digits``) the digits
 ConvNet, with the recipe of ``examples.compress_digits`` (AdamW, cosine lr); then prints the
 issue-6 ratios, all measured in this one process:
 
@@ -312,7 +312,7 @@ def run(gamma: float | None, args) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--gamma", type=float, default=3.0)
+    parser.add_argument("--gamma", type=float, default=1.0)
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--quant-lr", type=float, default=DEFAULTS["quant_lr"])
     parser.add_argument("--interval", type=int, default=1, help="removal_interval (optimizer steps)")

@@ -224,3 +224,34 @@ def test_fp16_skipped_steps_do_not_count_and_removal_works(trainer_kwargs):
     assert callback.removal.steps == ran < 3 * 8  # GradScaler-skipped steps (the injected inf, too) don't count
     assert callback.removal.events and model.net[0][0].out_channels < 8
     assert torch.isfinite(model(X)).all()
+
+
+class _Double(torch.nn.Module):
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return 2 * w
+
+
+@pytest.mark.parametrize("extra_parametrization", [False, True])
+def test_dead_quantises_only_rule_dead_rows_with_the_same_answer(extra_parametrization):
+    """``ChannelRemoval.dead`` (every decision) quantises only the rows whose bits are <= 0; the answer is
+    that of the full rule: bits <= 0 AND the layer's actual weight row is exactly 0."""
+    from torch.nn.utils import parametrize
+
+    from pl_optim.compression import attach_quantizers
+    from pl_optim.compression.quantizer import dead_channels
+
+    torch.manual_seed(0)
+    net = TinyConvNet().net
+    attach_quantizers(net, init_bits=4)
+    layers = quantized_layers(net)
+    if extra_parametrization:
+        for layer, _ in layers.values():
+            parametrize.register_parametrization(layer, "weight", _Double())
+    with torch.no_grad():
+        for _, q in layers.values():
+            q.bits.copy_(torch.rand(q.bits.shape) * 3 - 1.5)
+            q.exponent.add_(torch.randn(q.exponent.shape))
+    got = ChannelRemoval.dead(net)
+    for name, (layer, q) in layers.items():
+        want = dead_channels(q) & (layer.weight.detach().flatten(1) == 0).all(1)
+        assert torch.equal(got[name], want) and got[name].any(), name
