@@ -44,6 +44,7 @@ from pl_optim.compression.graph import (
     _ZERO_FN,
     _ZERO_METHOD,
 )
+from pl_optim.compression.quantizer import quantized_layers
 
 #: channel-wise modules that keep an input-independent, per-channel-constant tensor so in eval mode
 _KEEPS_CONST = (*_BN, *_ZERO_ACT, *_MAX_POOL, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
@@ -139,13 +140,16 @@ def simplify_for_inference(module: nn.Module, *example_args, fold_batchnorm: boo
             agree to float rounding instead of bit for bit).
 
     Raises:
-        ValueError: ``module`` cannot be traced with ``torch.fx``, no example input was given, or
-            ``fold_batchnorm`` is not a bool.
+        ValueError: ``module`` cannot be traced with ``torch.fx`` or still carries quantisers, no
+            example input was given, or ``fold_batchnorm`` is not a bool.
     """
     if not isinstance(fold_batchnorm, bool):
         raise ValueError(f"`fold_batchnorm` must be a bool, got {fold_batchnorm!r}")
     if not example_args:
         raise ValueError("`example_args`: pass one example input of the module's forward")
+    if quantized_layers(module):
+        raise ValueError("`module` carries quantisers; simplify the plain network export_compressed(module, "
+                         "example_input) returns")
     module = copy.deepcopy(module).eval()
     try:
         gm = fx.symbolic_trace(module)

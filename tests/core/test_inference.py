@@ -141,3 +141,7 @@ def test_bad_arguments():
         simplify_for_inference(nn.Linear(2, 2), torch.ones(1, 2), fold_batchnorm="yes")
     with pytest.raises(ValueError, match="`example_args`"):
         simplify_for_inference(nn.Linear(2, 2))
+    quantised = _resnet9(kill_branch=False)
+    attach_quantizers(quantised)
+    with pytest.raises(ValueError, match="`module` carries quantisers; simplify the plain network export_compressed"):
+        simplify_for_inference(quantised, torch.ones(1, 1, 8, 8))
