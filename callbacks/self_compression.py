@@ -17,12 +17,13 @@ from pl_optim.checks import non_negative, positive
 from pl_optim.compression.quantizer import (
     attach_quantizers,
     check_init_bits,
+    quantized_layers,
     quantizer_parameters,
     repair_nonfinite,
     snapshot,
 )
 from pl_optim.compression.report import compression_stats, format_report, layer_sizes, plot_series
-from pl_optim.compression.size import add_size_grad
+from pl_optim.compression.size import FLOAT_BITS, add_size_grad, compute_size_loss, output_positions
 
 
 class SelfCompression(StepHookCallback):
@@ -46,7 +47,8 @@ class SelfCompression(StepHookCallback):
     not drive a group added here (its lr stays constant).
 
     Logs each training epoch ``self_compression/bits_pct`` (% of float bits kept),
-    ``weights_pct``, ``Q`` and ``mean_bits/<layer>``; at fit end prints the per-layer table
+    ``weights_pct``, ``Q``, ``mean_bits/<layer>`` and ``bit_macs_pct`` (``100 C / 32``: % of the
+    float network's bit-MACs); at fit end prints the per-layer table
     (``rank_zero_info``), keeps it in :attr:`report` (list of dicts) and, with matplotlib, saves a
     PNG of size vs. epoch. A NaN/inf appearing in ``bits``/``exponent`` after a step is replaced by
     its previous value, with a warning.
@@ -71,6 +73,12 @@ class SelfCompression(StepHookCallback):
             (``trainer.estimated_stepping_batches``) after which ``bits``/``exponent`` are held fixed
             (put back after every optimizer step, no size gradient), so the weights fine-tune on the
             final quantisation; None: they train to the end.
+        compute_gamma: weight, ``>= 0``, of the compute-weighted size term ``C = sum_l P_l Q_l /
+            sum_l P_l N_l`` (:func:`~pl_optim.compression.size.compute_size_loss`; ``P_l``: output
+            positions per sample, read from the layers' outputs on the first training batch) — the
+            mean bit depth per float multiply-accumulate. It presses on the layers that hold the
+            compute (early, high-resolution convs) where ``gamma`` presses on those that hold the
+            weights; both may be used together. 0: off.
 
     Raises:
         ValueError: a bad argument (at construction); at setup, an ``exclude`` name matching no
@@ -97,8 +105,10 @@ class SelfCompression(StepHookCallback):
         removal_interval: int = 1,
         shift_decay: float = 1e-3,
         freeze_at: float | None = None,
+        compute_gamma: float = 0.0,
     ) -> None:
         gamma = non_negative("gamma", gamma)
+        self.compute_gamma = float(non_negative("compute_gamma", compute_gamma))
         self.init_bits = check_init_bits(init_bits)
         if isinstance(exclude, str):
             exclude = [exclude]
@@ -131,6 +141,8 @@ class SelfCompression(StepHookCallback):
         removal = ChannelRemoval(removal_interval, shift_decay)
         self.removal: ChannelRemoval | None = removal if remove_channels else None
         self.channels: list[dict[str, Any]] = []
+        self.positions: dict[str, int] = {}
+        self._position_hooks: list = []
 
     # --- attach ----------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -140,6 +152,7 @@ class SelfCompression(StepHookCallback):
             self.removal.setup(trainer, pl_module, stage)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._remove_position_hooks()
         super().teardown(trainer, pl_module, stage)
         if self.removal is not None:
             self.removal.teardown()
@@ -186,15 +199,43 @@ class SelfCompression(StepHookCallback):
         for group, lr in self._groups:
             if lr is not None:
                 group["lr"] = lr  # the configured lr wins over a restored optimizer state
+        self._record_positions(pl_module)
+
+    def _record_positions(self, pl_module: LightningModule) -> None:
+        """Forward hooks that read every quantised layer's output positions on the next forward
+        (the first training batch; after a resume, again) and are removed at the first step."""
+        self._remove_position_hooks()
+        self.positions = {}
+
+        def record(module, args, output, name) -> None:  # returns None: the output is unchanged
+            if torch.is_tensor(output):
+                self.positions.setdefault(name, output_positions(module, output))
+
+        self._position_hooks = [
+            layer.register_forward_hook(lambda m, a, y, n=name: record(m, a, y, n))
+            for name, (layer, _) in quantized_layers(pl_module).items()
+        ]
+
+    def _remove_position_hooks(self) -> None:
+        for h in self._position_hooks:
+            h.remove()
+        self._position_hooks = []
 
     # --- every optimizer step ----------------------------------------------------------------
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer) -> None:
         bits = {id(p) for p in quantizer_parameters(pl_module)}
+        if self._position_hooks and self.positions:
+            self._remove_position_hooks()
+            if self.compute_gamma:
+                missing = sorted(set(quantized_layers(pl_module)) - set(self.positions))
+                if missing:
+                    rank_zero_warn(f"SelfCompression: layer(s) {missing} did not run in the first forward; "
+                                   "`compute_gamma` does not press on them")
         if trainer.global_step >= self._freeze_step or not any(
             id(p) in bits for g in optimizer.param_groups for p in g["params"]
         ):
             return
-        if not add_size_grad(pl_module, self.gamma):
+        if not add_size_grad(pl_module, self.gamma, self.compute_gamma, self.positions):
             rank_zero_warn("SelfCompression: non-finite bits or gradient; the size gradient was skipped this step")
 
     def before_step(self, trainer: Trainer, index: int, optimizer: torch.optim.Optimizer) -> None:
@@ -219,6 +260,9 @@ class SelfCompression(StepHookCallback):
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         stats = compression_stats(pl_module)
         stats.pop("N")
+        if self.positions:
+            with torch.no_grad():
+                stats["bit_macs_pct"] = 100.0 / FLOAT_BITS * float(compute_size_loss(pl_module, 1.0, self.positions))
         pl_module.log_dict({f"self_compression/{k}": float(v) for k, v in stats.items()}, on_epoch=True)
         self.history.append(
             {"epoch": float(trainer.current_epoch), **{k: float(stats[k]) for k in ("Q", "bits_pct", "weights_pct")}}

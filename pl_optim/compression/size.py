@@ -16,9 +16,21 @@ them. Network size ``Q = sum_l Q_l``; ``N = sum_l N_l`` counts the weights of th
     L = L_0 + gamma * Q / N.
 
 "% of float bits kept" is ``Q / (32 N)`` (see :mod:`.report`).
+
+**Compute-weighted term** (an extension, not in the paper): with ``P_l`` the output positions per
+sample of layer ``l`` (``H_out * W_out`` for a 2-d conv, 1 for a ``Linear`` on ``[N, F]``), a layer's
+multiply-accumulates per sample are ``P_l N_l`` and ``P_l Q_l`` its bit-MACs, so
+
+    C = sum_l P_l Q_l / sum_l P_l N_l
+
+is the mean bit depth per float MAC. Adding ``compute_gamma * C`` to the loss weighs every layer by
+how often its weights are used, not by how many there are: early layers at high resolution hold
+few weights but most of the compute, and the weight-count size ``Q / N`` hardly presses on them.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -74,24 +86,48 @@ def size_loss(model: nn.Module, gamma: float) -> torch.Tensor:
     return gamma * size_bits(model) / float_weight_count(model)
 
 
-def add_size_grad(model: nn.Module, gamma: float) -> bool:
-    """Add ``d(gamma Q / N)/d bits`` to every ``bits.grad`` (creating it if missing).
+def output_positions(layer: nn.Module, output: torch.Tensor) -> int:
+    """``P``: output positions per sample and channel of a conv (``[N, C, *spatial]``) or linear
+    (``[N, ..., F]``) layer, from one of its outputs."""
+    if isinstance(layer, nn.Linear):
+        return output.numel() // max(output.shape[0] * output.shape[-1], 1)
+    return output[0, 0].numel()
 
-    Equivalent to having added :func:`size_loss` to the loss before ``backward``, but done once
-    per optimizer step on unscaled gradients, so it is independent of gradient accumulation and
-    AMP loss scaling.
+
+def compute_size_loss(model: nn.Module, gamma: float, positions: Mapping[str, int]) -> torch.Tensor:
+    """``gamma * sum_l P_l Q_l / sum_l P_l N_l`` over the quantised layers named in ``positions``
+    (layer name -> ``P_l``, see :func:`output_positions`); differentiable in ``bits``."""
+    layers = {n: lq for n, lq in quantized_layers(model).items() if positions.get(n)}
+    if not layers:
+        raise ValueError("`positions` names no quantised layer of the model")
+    bit_macs = torch.stack([positions[n] * layer_size_bits(layer, q) for n, (layer, q) in layers.items()]).sum()
+    return gamma * bit_macs / sum(positions[n] * int(q.float_numel) for n, (_, q) in layers.items())
+
+
+def add_size_grad(model: nn.Module, gamma: float, compute_gamma: float = 0.0,
+                  positions: Mapping[str, int] | None = None) -> bool:
+    """Add ``d(gamma Q / N + compute_gamma C)/d bits`` to every ``bits.grad`` (creating it if
+    missing); the second term only when ``positions`` is given (:func:`compute_size_loss`).
+
+    Equivalent to having added :func:`size_loss` (and :func:`compute_size_loss`) to the loss
+    before ``backward``, but done once per optimizer step on unscaled gradients, so it is
+    independent of gradient accumulation and AMP loss scaling.
 
     Returns:
         False (and nothing added) when a gradient or a ``bits`` value is not finite.
     """
     layers = quantized_layers(model)
     bits = [q.bits for _, q in layers.values()]
-    if gamma == 0 or not bits:
+    compute = bool(compute_gamma and positions)
+    if gamma == 0 and not compute or not bits:
         return True
     if not all(bool(torch.isfinite(b).all()) for b in bits):
         return False
     with torch.enable_grad():
-        grads = torch.autograd.grad(size_loss(model, gamma), bits)
+        loss = size_loss(model, gamma)
+        if compute:
+            loss = loss + compute_size_loss(model, compute_gamma, positions)
+        grads = torch.autograd.grad(loss, bits)
     if not all(bool(torch.isfinite(g).all()) for g in grads):
         return False
     for b, g in zip(bits, grads):

@@ -126,7 +126,7 @@ def test_checkpoint_resume_is_bit_identical_and_loads_for_inference(trainer_kwar
     pl.seed_everything(0)
     full = TinyConvNet(optimizer="adam", lr=0.05)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
-    cb_full = _shrinking()
+    cb_full = _shrinking(compute_gamma=5.0)  # its positions are read again on the first batch after resume
     pl.Trainer(max_epochs=3, callbacks=[cb_full, ckpt], **kw).fit(full, datamodule=_data())
     assert cb_full.removal.events and cb_full.removal.events[0][0] <= 16  # removal before the epoch-1 checkpoint
     epoch1 = tmp_path / "ckpt" / "epoch=1.ckpt"
@@ -135,7 +135,7 @@ def test_checkpoint_resume_is_bit_identical_and_loads_for_inference(trainer_kwar
 
     pl.seed_everything(0)
     resumed = TinyConvNet(optimizer="adam", lr=0.05)  # freshly built, full size
-    cb_res = _shrinking()
+    cb_res = _shrinking(compute_gamma=5.0)
     pl.Trainer(max_epochs=3, callbacks=[cb_res], **kw).fit(resumed, datamodule=_data(), ckpt_path=epoch1)
     assert resumed.state_dict().keys() == full.state_dict().keys()
     for key, value in full.state_dict().items():

@@ -13,22 +13,39 @@ from torch import nn
 
 from examples.tiny import RandomClassificationData, TinyConvNet
 from pl_optim.callbacks import SelfCompression
-from pl_optim.compression import quantized_layers, quantizer_parameters, size_loss
+from pl_optim.compression import add_size_grad, quantized_layers, quantizer_parameters, size_loss
+from pl_optim.compression.size import compute_size_loss, kernel_area, live_input_columns, output_positions
 from tests.helpers import InjectInfGrad, fp16_cpu_plugin
 
 GAMMA = 50.0
 
 
 class LossTermConvNet(TinyConvNet):
-    """Adds ``gamma * Q / N`` to the loss itself (the reference for the callback's gradient)."""
+    """Adds ``gamma * Q / N`` (and ``compute_gamma * C``, positions read in this very forward) to the
+    loss itself: the reference for the callback's gradient."""
 
-    def __init__(self, size_gamma: float = 0.0, **kwargs) -> None:
+    def __init__(self, size_gamma: float = 0.0, compute_gamma: float = 0.0, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.size_gamma = size_gamma
+        self.size_gamma, self.compute_gamma = size_gamma, compute_gamma
 
     def training_step(self, batch, batch_idx):
-        loss = super().training_step(batch, batch_idx)
-        return loss + size_loss(self, self.size_gamma) if self.size_gamma else loss
+        positions = {}
+
+        def record(module, args, output, name):
+            positions.setdefault(name, output_positions(module, output))  # returns None: output unchanged
+
+        hooks = [layer.register_forward_hook(lambda m, a, y, n=n: record(m, a, y, n))
+                 for n, (layer, _) in quantized_layers(self).items()]
+        try:
+            loss = super().training_step(batch, batch_idx)
+        finally:
+            for h in hooks:
+                h.remove()
+        if self.size_gamma:
+            loss = loss + size_loss(self, self.size_gamma)
+        if self.compute_gamma:
+            loss = loss + compute_size_loss(self, self.compute_gamma, positions)
+        return loss
 
 
 class BitsOnlyOptimizer(TinyConvNet):
@@ -59,16 +76,22 @@ def _fit(trainer_kwargs, model, callback, **kw):
     return trainer
 
 
+@pytest.mark.parametrize("term", ["size", "compute"])
 @pytest.mark.parametrize("accumulate,amp", [(1, False), (3, False), (2, True)], ids=["plain", "accumulate3", "fp16+accumulate2"])
-def test_size_gradient_equals_adding_the_loss_term(trainer_kwargs, accumulate, amp):
+def test_size_gradient_equals_adding_the_loss_term(trainer_kwargs, accumulate, amp, term):
     extra = dict(accumulate_grad_batches=accumulate, limit_train_batches=6)
     if amp:
         extra["plugins"] = [fp16_cpu_plugin()]
     finals = []
     for cb_gamma, loss_gamma in [(GAMMA, 0.0), (0.0, GAMMA), (0.0, 0.0)]:
         pl.seed_everything(0)
-        model = LossTermConvNet(size_gamma=loss_gamma, optimizer="sgd", lr=0.1, momentum=0.9)
-        _fit(trainer_kwargs, model, SelfCompression(cb_gamma, init_bits=4), **dict(extra))
+        if term == "size":
+            model = LossTermConvNet(size_gamma=loss_gamma, optimizer="sgd", lr=0.1, momentum=0.9)
+            callback = SelfCompression(cb_gamma, init_bits=4)
+        else:
+            model = LossTermConvNet(compute_gamma=loss_gamma, optimizer="sgd", lr=0.1, momentum=0.9)
+            callback = SelfCompression(0.0, init_bits=4, compute_gamma=cb_gamma)
+        _fit(trainer_kwargs, model, callback, **dict(extra))
         finals.append([p.detach().clone() for p in model.parameters()])
     callback, reference, no_size = finals
     for a, b in zip(callback, reference):
@@ -217,6 +240,8 @@ def test_resume_from_checkpoint_restores_quantisers(trainer_kwargs, tmp_path):
         (dict(gamma=1.0, exclude=[3]), r"`exclude` must be layer names \(strings\), got \[3\]"),
         (dict(gamma=1.0, freeze_at=1.0), r"`freeze_at` must be in \(0, 1\) or None, got 1.0"),
         (dict(gamma=1.0, freeze_at=True), r"`freeze_at` must be in \(0, 1\) or None, got True"),
+        (dict(gamma=1.0, compute_gamma=-0.5), r"`compute_gamma` must be a finite number >= 0, got -0.5"),
+        (dict(gamma=1.0, compute_gamma=float("inf")), r"`compute_gamma`"),
     ],
 )
 def test_bad_arguments(kwargs, match):
@@ -242,3 +267,22 @@ def test_bad_exclude_and_model_at_setup(trainer_kwargs):
     with pytest.raises(ValueError, match=r"`freeze_at` needs a finite training length .*got inf"):
         trainer = pl.Trainer(max_epochs=-1, callbacks=[SelfCompression(1.0, freeze_at=0.5)], **trainer_kwargs)
         trainer.fit(TinyConvNet(), datamodule=_data())
+
+
+def test_compute_gamma_reads_positions_once_and_presses_by_compute(trainer_kwargs, caplog):
+    """P_l from the first training forward (8x8 convs: 64 positions, the head: 1), hooks then removed;
+    bit_macs_pct logged; the gradient is P_l K I_alive / sum P N (a conv row 64x the head's per weight)."""
+    model = TinyConvNet(optimizer="sgd", lr=1e-9)
+    callback = SelfCompression(0.0, init_bits=4, compute_gamma=1.0)
+    trainer = _fit(trainer_kwargs, model, callback, limit_train_batches=3)
+    assert callback.positions == {"net.0.0": 64, "net.1.0": 64, "net.4": 1}
+    assert not callback._position_hooks
+    assert 0 < trainer.callback_metrics["self_compression/bit_macs_pct"] <= 100 * 4 / 32
+    for _, q in quantized_layers(model).values():
+        q.bits.grad = None
+    assert add_size_grad(model, 0.0, 1.0, callback.positions)
+    layers = quantized_layers(model)
+    macs = sum(callback.positions[n] * int(q.float_numel) for n, (_, q) in layers.items())
+    for n, (layer, q) in layers.items():  # dC/db_i = P_l K I_alive(i) / sum_l P_l N_l
+        want = callback.positions[n] * kernel_area(layer) * live_input_columns(layer, q).float() / macs
+        torch.testing.assert_close(q.bits.grad, want)
