@@ -129,7 +129,7 @@ def test_channel_removal_benchmark_runs_end_to_end(tmp_path, capsys):
     from examples.benchmarks.bench_channel_removal import main
 
     saved = tmp_path / "nets.pt"
-    out = main(["--model", "resnet9", "--widths", "4", "8", "8", "8", "--epochs", "2", "--gamma", "1", "--reps", "3",
+    out = main(["--model", "resnet9", "--widths", "4", "8", "8", "8", "--epochs", "2", "--gamma", "1", "--compute-gamma", "1", "--reps", "3",
                 "--steps", "2", "--batches", "1", "2", "--save", str(saved)])
     text = capsys.readouterr().out
     for needle in ("weights kept", "epoch wall time last/first", "training step, interleaved", "per-stage median",

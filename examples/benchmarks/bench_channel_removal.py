@@ -44,8 +44,7 @@ from pl_optim.callbacks._channel_removal import ChannelRemoval
 from pl_optim.compression import attach_quantizers, compression_stats, export_compressed
 from pl_optim.compression.graph import ChannelGraph
 from pl_optim.compression.inference import simplify_for_inference
-from pl_optim.compression.quantizer import quantized_layers
-from pl_optim.compression.size import add_size_grad, layer_size_bits
+from pl_optim.compression.size import add_size_grad
 
 #: wall clock: what a user waits for. Process CPU time is printed next to it (with one torch thread it
 #: is the compute this process did, less sensitive to the other jobs sharing the machine).
@@ -219,34 +218,6 @@ def _profile(base_net: torch.nn.Module, exported: torch.nn.Module, dm: DigitsDat
           + ", ".join(f"{n} {m_small.get(n, 0) / m_float[n]:.2f}" for n in m_float))
 
 
-class ComputeWeightedSize(Callback):
-    """Experiment (``--mac-weight G``): an extra size term weighted by compute instead of weights,
-    ``G * sum_l HW_l Q_l / sum_l HW_l N_l`` (``HW_l``: output positions of layer ``l``, ``Q_l`` its
-    size in bits as in part I, ``N_l`` its float weight count), its gradient added to ``bits.grad``
-    before each optimizer step, next to SelfCompression's own ``gamma Q / N``."""
-
-    def __init__(self, gamma: float) -> None:
-        self.gamma, self.hw, self.norm = gamma, {}, 0.0
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        layers = quantized_layers(pl_module)
-        hooks = [layer.register_forward_hook(lambda m, a, y, n=n: self.hw.__setitem__(n, y[0, 0].numel()))
-                 for n, (layer, _) in layers.items()]
-        with torch.no_grad():
-            pl_module.eval()(torch.zeros(1, 1, 8, 8))
-        pl_module.train()
-        for h in hooks:
-            h.remove()
-        self.norm = float(sum(self.hw[n] * layer.weight.numel() for n, (layer, _) in layers.items()))
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        layers = quantized_layers(pl_module)
-        loss = sum(self.hw[n] * layer_size_bits(layer, q) for n, (layer, q) in layers.items())
-        bits = [q.bits for _, q in layers.values()]
-        for b, g in zip(bits, torch.autograd.grad(self.gamma * loss / self.norm, bits)):
-            b.grad = g if b.grad is None else b.grad + g
-
-
 def train_step_times(full: torch.nn.Module, small: torch.nn.Module, dm: DigitsDataModule, gamma: float,
                      reps: int) -> dict[str, list[float]]:
     """Interleaved wall time of one plain training step (forward, cross-entropy, backward, size
@@ -293,9 +264,7 @@ def run(gamma: float | None, args) -> dict:
     if gamma is not None:
         callbacks.append(SelfCompression(gamma, init_bits=DEFAULTS["init_bits"], plot_path=False, remove_channels=True,
                                          removal_interval=args.interval, shift_decay=args.shift_decay,
-                                         freeze_at=args.freeze_at or None))
-        if args.mac_weight:
-            callbacks.append(ComputeWeightedSize(args.mac_weight))
+                                         freeze_at=args.freeze_at or None, compute_gamma=args.compute_gamma))
     trainer = pl.Trainer(
         max_epochs=args.epochs, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
         enable_checkpointing=False, callbacks=callbacks, num_sanity_val_steps=0, limit_val_batches=0,
@@ -326,8 +295,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for training and latency")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32, 256], help="latency batch sizes")
     parser.add_argument("--reps", type=int, default=400, help="timed forwards per net and batch size")
-    parser.add_argument("--mac-weight", type=float, default=0.0,
-                        help="experiment: extra compute-weighted size term of this weight (ComputeWeightedSize)")
+    parser.add_argument("--compute-gamma", type=float, default=0.0,
+                        help="SelfCompression(compute_gamma=...): weight of the compute-weighted size term")
     parser.add_argument("--steps", type=int, default=100, help="interleaved training steps per net")
     parser.add_argument("--save", help="torch.save the float and the exported net here (for --load)")
     parser.add_argument("--load", help="skip training: latency of the nets saved by --save")
@@ -347,7 +316,7 @@ def main(argv: list[str] | None = None) -> dict:
     cb, stats, clock = comp["callback"], comp["stats"], comp["clock"]
 
     what = (f"{args.model} ({'widths ' + str(args.widths) if args.model == 'resnet9' else 'channels 32, 64, 64'}), "
-            f"gamma={args.gamma:g}, mac_weight={args.mac_weight:g}, shift_decay={args.shift_decay:g}, freeze_at={args.freeze_at}, {args.epochs} epochs, removal every "
+            f"gamma={args.gamma:g}, compute_gamma={args.compute_gamma:g}, shift_decay={args.shift_decay:g}, freeze_at={args.freeze_at}, {args.epochs} epochs, removal every "
             f"{args.interval} step(s), seed {args.seed}")
     print(what)
     dead = ChannelRemoval.dead(comp["model"])
