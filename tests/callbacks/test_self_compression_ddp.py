@@ -30,7 +30,7 @@ def _run(out: Path, mode: str) -> None:
     pl.seed_everything(0, verbose=False)
     if mode == "remove":
         model = TinyConvNet(optimizer="adam", lr=0.05)
-        callback = SelfCompression(40.0, init_bits=2, lr=0.3, remove_channels=True, shift_decay=0.05)
+        callback = SelfCompression(40.0, init_bits=2, lr=0.3, remove_channels=True, shift_decay=0.05, compute_gamma=10.0)
         limits, data = dict(max_steps=30), RandomClassificationData(n=160, shape=(1, 8, 8), batch_size=8)
     else:
         model = TinyConvNet(optimizer="sgd", lr=0.1)
