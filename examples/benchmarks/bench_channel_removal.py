@@ -1,9 +1,9 @@
 """Benchmark: removing dead channels during training (SelfCompression(remove_channels=True)).
 
 One float run and one self-compressing run of the ResNet-9 shape (default: the example's widths,
-64/128/256/512, gamma 1, bits frozen for the last quarter) or (``--model digits``) the digits
-ConvNet, with the recipe of ``examples.compress_digits`` (AdamW, cosine lr); then prints the
-issue-6 ratios, all measured in this one process:
+64/128/256/512, gamma 1, compute_gamma 0.5, bits frozen for the last quarter, 45 epochs) or
+(``--model digits``) the digits ConvNet, with the recipe of ``examples.compress_digits`` (AdamW,
+cosine lr); then prints the issue-6 ratios, all measured in this one process:
 
 * % of weights and % of float bits kept, accuracy drop vs. float (target: <= 18%, <= 3%, <= 0.5 pp);
   dead channels still present, split into "dead in every producer of a residual sum" and "dead in
@@ -20,7 +20,8 @@ issue-6 ratios, all measured in this one process:
 Usage::
 
     python -m examples.benchmarks.bench_channel_removal --save nets.pt          # the headline run (defaults)
-    python -m examples.benchmarks.bench_channel_removal --widths 32 64 128 256 --gamma 0.3 --freeze-at 0
+    python -m examples.benchmarks.bench_channel_removal --compute-gamma 0 --epochs 30   # weight-count term only
+    python -m examples.benchmarks.bench_channel_removal --widths 32 64 128 256 --gamma 0.3 --compute-gamma 0 --freeze-at 0 --epochs 30
     python -m examples.benchmarks.bench_channel_removal --load nets.pt      # latency only, no training
 """
 
@@ -282,7 +283,7 @@ def run(gamma: float | None, args) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gamma", type=float, default=1.0)
-    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--epochs", type=int, default=45)
     parser.add_argument("--quant-lr", type=float, default=DEFAULTS["quant_lr"])
     parser.add_argument("--interval", type=int, default=1, help="removal_interval (optimizer steps)")
     parser.add_argument("--shift-decay", type=float, default=0.01)
@@ -295,7 +296,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for training and latency")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32, 256], help="latency batch sizes")
     parser.add_argument("--reps", type=int, default=400, help="timed forwards per net and batch size")
-    parser.add_argument("--compute-gamma", type=float, default=0.0,
+    parser.add_argument("--compute-gamma", type=float, default=0.5,
                         help="SelfCompression(compute_gamma=...): weight of the compute-weighted size term")
     parser.add_argument("--steps", type=int, default=100, help="interleaved training steps per net")
     parser.add_argument("--save", help="torch.save the float and the exported net here (for --load)")
