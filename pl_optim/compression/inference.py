@@ -36,10 +36,12 @@ from torch import fx, nn
 from torch.fx.experimental.optimization import fuse
 
 from pl_optim.compression.graph import (
+    _ADD,
     _BN,
     _CONV,
     _MAX_POOL,
     _MAX_POOL_FN,
+    _MUL,
     _ZERO_ACT,
     _ZERO_FN,
     _ZERO_METHOD,
@@ -48,8 +50,8 @@ from pl_optim.compression.quantizer import quantized_layers
 
 #: channel-wise modules that keep an input-independent, per-channel-constant tensor so in eval mode
 _KEEPS_CONST = (*_BN, *_ZERO_ACT, *_MAX_POOL, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
-_ADD = {operator.add, torch.add, operator.sub, torch.sub}
-_BROADCAST = _ADD | {operator.mul, torch.mul}
+_SUB = {operator.sub, operator.isub, torch.sub}
+_BROADCAST = _ADD | _MUL
 
 
 def _is_constant_source(node: fx.Node, modules: dict) -> bool:
@@ -112,8 +114,7 @@ def fold_constant_branches(gm: fx.GraphModule, *example_args) -> int:
         if c is None or len(other) != 1 or not isinstance(other[0], fx.Node) or other[0] in const \
                 or shapes.get(other[0]) != shapes.get(node):
             continue  # the folded constant must not change the result's shape (broadcasting)
-        if node.target in _ADD and not bool(c.count_nonzero()) and (node.target in (operator.add, torch.add)
-                                                                     or node.args[0] is other[0]):
+        if node.target in _ADD and not bool(c.count_nonzero()) and (node.target not in _SUB or node.args[0] is other[0]):
             node.replace_all_uses_with(other[0])  # x + 0, 0 + x, x - 0
         else:
             name = f"_folded_constant_{folded}"

@@ -68,12 +68,22 @@ def layer_size_bits(layer: nn.Module, quantizer: ChannelQuantizer) -> torch.Tens
     return kernel_area(layer) * (torch.relu(quantizer.bits) * cols).sum()
 
 
-def size_bits(model: nn.Module) -> torch.Tensor:
-    """Network size ``Q`` in bits (a scalar tensor differentiable in every ``bits``)."""
+def _layer_sizes(model: nn.Module) -> dict[str, tuple[torch.Tensor, ChannelQuantizer]]:
+    """Quantised layer name -> ``(Q_l, quantizer)``; each ``Q_l`` computed once (it quantises the
+    layer's weight), so several terms can share it."""
     layers = quantized_layers(model)
     if not layers:
         raise ValueError(f"the model ({type(model).__name__}) has no quantised layer; call attach_quantizers first")
-    return torch.stack([layer_size_bits(layer, q) for layer, q in layers.values()]).sum()
+    return {name: (layer_size_bits(layer, q), q) for name, (layer, q) in layers.items()}
+
+
+def _total(sizes: Mapping[str, tuple[torch.Tensor, ChannelQuantizer]]) -> torch.Tensor:
+    return torch.stack([size for size, _ in sizes.values()]).sum()
+
+
+def size_bits(model: nn.Module) -> torch.Tensor:
+    """Network size ``Q`` in bits (a scalar tensor differentiable in every ``bits``)."""
+    return _total(_layer_sizes(model))
 
 
 def float_weight_count(model: nn.Module) -> int:
@@ -97,11 +107,16 @@ def output_positions(layer: nn.Module, output: torch.Tensor) -> int:
 def compute_size_loss(model: nn.Module, gamma: float, positions: Mapping[str, int]) -> torch.Tensor:
     """``gamma * sum_l P_l Q_l / sum_l P_l N_l`` over the quantised layers named in ``positions``
     (layer name -> ``P_l``, see :func:`output_positions`); differentiable in ``bits``."""
-    layers = {n: lq for n, lq in quantized_layers(model).items() if positions.get(n)}
-    if not layers:
+    return _compute_term(_layer_sizes(model), gamma, positions)
+
+
+def _compute_term(sizes: Mapping[str, tuple[torch.Tensor, ChannelQuantizer]], gamma: float,
+                  positions: Mapping[str, int]) -> torch.Tensor:
+    named = [n for n in sizes if positions.get(n)]
+    if not named:
         raise ValueError("`positions` names no quantised layer of the model")
-    bit_macs = torch.stack([positions[n] * layer_size_bits(layer, q) for n, (layer, q) in layers.items()]).sum()
-    return gamma * bit_macs / sum(positions[n] * int(q.float_numel) for n, (_, q) in layers.items())
+    bit_macs = torch.stack([positions[n] * sizes[n][0] for n in named]).sum()
+    return gamma * bit_macs / sum(positions[n] * int(sizes[n][1].float_numel) for n in named)
 
 
 def add_size_grad(model: nn.Module, gamma: float, compute_gamma: float = 0.0,
@@ -124,9 +139,10 @@ def add_size_grad(model: nn.Module, gamma: float, compute_gamma: float = 0.0,
     if not all(bool(torch.isfinite(b).all()) for b in bits):
         return False
     with torch.enable_grad():
-        loss = size_loss(model, gamma)
+        sizes = _layer_sizes(model)  # once per step for both terms
+        loss = gamma * _total(sizes) / float_weight_count(model)  # = size_loss(model, gamma)
         if compute:
-            loss = loss + compute_size_loss(model, compute_gamma, positions)
+            loss = loss + _compute_term(sizes, compute_gamma, positions)
         grads = torch.autograd.grad(loss, bits)
     if not all(bool(torch.isfinite(g).all()) for g in grads):
         return False

@@ -13,11 +13,13 @@ import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from torch.nn.utils import parametrize
 
 from examples.tiny import RandomClassificationData, TinyConvNet
 from pl_optim.callbacks import SelfCompression, load_compressed
 from pl_optim.callbacks._channel_removal import ChannelRemoval
-from pl_optim.compression import quantized_layers
+from pl_optim.compression import attach_quantizers, quantized_layers
+from pl_optim.compression.quantizer import dead_channels
 from pl_optim.compression.surgery import ChannelRemover
 
 X = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(3))
@@ -235,11 +237,6 @@ class _Double(torch.nn.Module):
 def test_dead_quantises_only_rule_dead_rows_with_the_same_answer(extra_parametrization):
     """``ChannelRemoval.dead`` (every decision) quantises only the rows whose bits are <= 0; the answer is
     that of the full rule: bits <= 0 AND the layer's actual weight row is exactly 0."""
-    from torch.nn.utils import parametrize
-
-    from pl_optim.compression import attach_quantizers
-    from pl_optim.compression.quantizer import dead_channels
-
     torch.manual_seed(0)
     net = TinyConvNet().net
     attach_quantizers(net, init_bits=4)

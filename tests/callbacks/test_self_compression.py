@@ -269,7 +269,7 @@ def test_bad_exclude_and_model_at_setup(trainer_kwargs):
         trainer.fit(TinyConvNet(), datamodule=_data())
 
 
-def test_compute_gamma_reads_positions_once_and_presses_by_compute(trainer_kwargs, caplog):
+def test_compute_gamma_reads_positions_once_and_presses_by_compute(trainer_kwargs):
     """P_l from the first training forward (8x8 convs: 64 positions, the head: 1), hooks then removed;
     bit_macs_pct logged; the gradient is P_l K I_alive / sum P N (a conv row 64x the head's per weight)."""
     model = TinyConvNet(optimizer="sgd", lr=1e-9)
