@@ -53,7 +53,6 @@ class ChannelRemoval:
         self.kept: dict[str, dict[str, torch.Tensor]] = {}
         self.original: dict[str, int] = {}
         self.events: list[tuple[int, str, int]] = []
-        self.steps = 0
         self.graph: ChannelGraph | None = None
         self.remover: ChannelRemover | None = None
         self._example: tuple | None = None
@@ -94,10 +93,10 @@ class ChannelRemoval:
     def on_before_backward(self, loss: torch.Tensor) -> None:
         self._bad_loss |= not bool(torch.isfinite(loss.detach()).all())
 
-    def after_step(self, trainer: Trainer, pl_module: LightningModule, repaired: int) -> None:
-        self.steps += 1
+    def after_step(self, trainer: Trainer, pl_module: LightningModule, repaired: int, step: int) -> None:
+        """After optimizer step number ``step`` (1-based, from the step ledger) ran."""
         bad_loss, self._bad_loss = self._bad_loss, False
-        if self.steps % self.interval:
+        if step % self.interval:
             return
         ddp = isinstance(trainer.strategy, DDPStrategy) and trainer.world_size > 1
         skip = bool(repaired or bad_loss)
@@ -123,7 +122,6 @@ class ChannelRemoval:
         self.kept = self.remover.kept
         if ddp:
             trainer.strategy.model = trainer.strategy._setup_model(inner)
-        step = trainer.global_step + 1  # this optimizer step ran; Lightning counts it after the hooks
         for name, n in removed.items():
             self.events.append((step, name, n))
         rank_zero_info(f"SelfCompression: optimizer step {step}: removed channels "
@@ -191,14 +189,12 @@ class ChannelRemoval:
             "kept": {n: {k: v.clone() for k, v in e.items()} for n, e in self.kept.items()},
             "original": dict(self.original),
             "events": [list(e) for e in self.events],
-            "steps": self.steps,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.kept = {n: dict(e) for n, e in state.get("kept", {}).items()}
         self.original = dict(state.get("original", self.original))
         self.events = [tuple(e) for e in state.get("events", [])]
-        self.steps = int(state.get("steps", 0))
         self.graph = self.remover = None
 
 

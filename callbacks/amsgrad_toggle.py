@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule, Trainer
 
+from pl_optim import checks
 from pl_optim.amsgrad import amsgrad_enabled, check_amsgrad_support, set_amsgrad
-from pl_optim.callbacks._base import StepHookCallback
-from pl_optim.callbacks.decoupled_weight_decay import group_metric_names, log_step_metrics
+from pl_optim.callbacks._base import StepHookCallback, group_metric_names, log_step_metrics
 
 INTERVALS = ("epoch", "step")
 
@@ -60,22 +60,14 @@ class AMSGradToggle(StepHookCallback):
         if not isinstance(schedule, Mapping) or not schedule:
             raise ValueError(f"`schedule` must be a non-empty mapping {{time: bool}}, got {schedule!r}")
         for key, value in schedule.items():
-            if isinstance(key, bool) or not isinstance(key, int) or key < 0:
-                raise ValueError(f"`schedule` keys must be integers >= 0 (epochs or steps), got {key!r}")
-            if not isinstance(value, bool):
-                raise ValueError(f"`schedule` values must be True or False, got {value!r} at key {key}")
-        if interval not in INTERVALS:
-            raise ValueError(f"`interval` must be one of {INTERVALS}, got {interval!r}")
-        indices = [optimizers] if isinstance(optimizers, int) else optimizers
-        if indices is not None and (
-            not indices or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in indices)
-        ):
-            raise ValueError(f"`optimizers` must be None, an index >= 0 or a list of them, got {optimizers!r}")
+            checks.integer("schedule key", key, minimum=0)
+            checks.boolean(f"schedule[{key}]", value)
+        checks.one_of("interval", interval, INTERVALS)
+        indices = checks.indices("optimizers", optimizers)
         self.schedule = dict(schedule)
         self.interval = interval
         self.optimizer_indices = None if indices is None else list(indices)
-        self.log = bool(log)
-        self.steps: list[int] = []  # optimizer steps that ran, per optimizer
+        self.log = checks.boolean("log", log)
         self._stepped: set[int] = set()  # optimizers that stepped in the current batch
 
     def _targets(self, trainer: Trainer) -> list[int]:
@@ -85,20 +77,19 @@ class AMSGradToggle(StepHookCallback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         n = len(trainer.optimizers)
         for i in self._targets(trainer):
-            if i >= n:
-                raise ValueError(f"AMSGradToggle: optimizer index {i} given but the trainer has {n} optimizer(s)")
+            checks.optimizer_in_range("optimizers", i, n)
             check_amsgrad_support(trainer.optimizers[i])
-        self.steps += [0] * (n - len(self.steps))
         super().on_fit_start(trainer, pl_module)
 
     def _apply(self, trainer: Trainer, index: int) -> None:
-        time = trainer.current_epoch if self.interval == "epoch" else self.steps[index]
+        time = trainer.current_epoch if self.interval == "epoch" else self.position(index)
         wanted = scheduled_value(self.schedule, time)
         optimizer = trainer.optimizers[index]
         if wanted is not None and amsgrad_enabled(optimizer) != [wanted] * len(optimizer.param_groups):
             set_amsgrad(optimizer, wanted)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
         for i in self._targets(trainer):  # after the optimizer state was restored from a checkpoint
             self._apply(trainer, i)
 
@@ -112,7 +103,6 @@ class AMSGradToggle(StepHookCallback):
             self._apply(trainer, index)
 
     def after_step(self, trainer: Trainer, index: int, optimizer: torch.optim.Optimizer) -> None:
-        self.steps[index] += 1
         self._stepped.add(index)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
@@ -124,7 +114,12 @@ class AMSGradToggle(StepHookCallback):
         self._stepped.clear()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"steps": list(self.steps)}
+        return {"steps": self.step_positions()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.steps = [int(s) for s in state_dict["steps"]]
+        self.load_step_positions(state_dict["steps"])
+
+    @property
+    def steps(self) -> list[int]:
+        """Optimizer steps that ran, per optimizer (:meth:`position`)."""
+        return self.step_positions()

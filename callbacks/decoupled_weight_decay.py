@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Literal
 
-import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
-from pl_optim.callbacks._base import refuse_sharded_strategy
+from pl_optim.callbacks._base import group_metric_names, log_step_metrics, refuse_sharded_strategy
+from pl_optim.steps import StepLedger
 from pl_optim.weight_decay import (
     DecoupledDecay,
     Exclude,
@@ -19,29 +19,6 @@ from pl_optim.weight_decay import (
     compile_exclude,
     unmatched_patterns,
 )
-
-
-def group_metric_names(prefix: str, optimizers: Sequence[torch.optim.Optimizer]) -> list[list[str]]:
-    """Metric names per optimizer and group, in ``LearningRateMonitor``'s style:
-    ``"{prefix}-Adam"``, ``"{prefix}-Adam/pg1"`` (several groups), ``"{prefix}-Adam-1"`` (several
-    optimizers of one class)."""
-    classes = [type(o).__name__ for o in optimizers]
-    names = []
-    for i, (opt, cls) in enumerate(zip(optimizers, classes)):
-        base = f"{prefix}-{cls}" + (f"-{classes[:i].count(cls)}" if classes.count(cls) > 1 else "")
-        n = len(opt.param_groups)
-        names.append([base] if n == 1 else [f"{base}/pg{j + 1}" for j in range(n)])
-    return names
-
-
-def log_step_metrics(trainer: Trainer, metrics: dict[str, float]) -> None:
-    """Send ``metrics`` to every logger at the current optimizer-step index, the way
-    ``LearningRateMonitor`` does (respecting ``log_every_n_steps``). Direct logger calls rather
-    than ``pl_module.log``: Lightning re-emits a step metric's last value at later steps, which
-    would report a decay (or an AMSGrad state) for steps that never ran."""
-    if metrics and trainer._logger_connector.should_update_logs:
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
 
 
 class DecoupledWeightDecay(Callback):
@@ -131,11 +108,9 @@ class DecoupledWeightDecay(Callback):
             for decay, state in zip(self.decays, self._loaded):
                 decay.load_state_dict(state)
         self._remove_hooks()
-        # DecoupledDecay's own pre-hook (not StepHookCallback.before_step): under Lightning's
-        # automatic optimization the gradients are computed by the closure *inside* step(), so
-        # the decay has to run after that closure (see DecoupledDecay.torch_pre_hook).
-        self._hooks = [decay.attach() for decay in self.decays]
-        self._logged_steps = [decay.steps for decay in self.decays]
+        self._hooks = [decay.attach() for decay in self.decays]  # on each optimizer's step ledger
+        self._ledgers = [StepLedger.of(opt) for opt in trainer.optimizers]
+        self._logged_steps = [ledger.steps for ledger in self._ledgers]
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # An optimizer state restored from a checkpoint carries weight_decay=0 (see
@@ -148,10 +123,10 @@ class DecoupledWeightDecay(Callback):
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         names = group_metric_names("wd_effective", trainer.optimizers) if self.log else []
         metrics = {}
-        for index, decay in enumerate(self.decays):
-            if self.log and decay.steps != self._logged_steps[index]:  # a step ran in this batch
+        for index, (decay, ledger) in enumerate(zip(self.decays, self._ledgers)):
+            if self.log and ledger.steps != self._logged_steps[index]:  # a step ran in this batch
                 metrics.update(zip(names[index], decay.last_coefficients))
-            self._logged_steps[index] = decay.steps
+            self._logged_steps[index] = ledger.steps
         log_step_metrics(trainer, metrics)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:

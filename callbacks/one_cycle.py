@@ -8,16 +8,9 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule, Trainer
 
+from pl_optim import checks
 from pl_optim.callbacks.param_scheduler import ParamScheduler
 from pl_optim.schedules import Constant, one_cycle
-
-
-def _per_group(name: str, value: float | Sequence[float], n: int) -> list[float]:
-    if isinstance(value, (list, tuple)):
-        if len(value) != n:
-            raise ValueError(f"`{name}` has {len(value)} values but the optimizer has {n} param groups, got {list(value)!r}")
-        return [float(v) for v in value]
-    return [float(value)] * n
 
 
 class OneCycle(ParamScheduler):
@@ -86,9 +79,9 @@ class OneCycle(ParamScheduler):
     ) -> None:
         if isinstance(max_lr, str) and max_lr != "find":
             raise ValueError(f"`max_lr` must be a positive number, a list of them, or 'find', got {max_lr!r}")
-        lrs = [] if isinstance(max_lr, str) else list(max_lr) if isinstance(max_lr, (list, tuple)) else [max_lr]
-        if not isinstance(max_lr, str) and not lrs:
+        if isinstance(max_lr, (list, tuple)) and not max_lr:
             raise ValueError(f"`max_lr` must not be an empty list, got {max_lr!r}")
+        lrs = [] if isinstance(max_lr, str) else list(max_lr) if isinstance(max_lr, (list, tuple)) else [max_lr]
         bases = list(base_momentum) if isinstance(base_momentum, (list, tuple)) else [base_momentum]
         maxes = list(max_momentum) if isinstance(max_momentum, (list, tuple)) else [max_momentum]
         common = dict(pct_start=pct_start, anneal_strategy=anneal_strategy, div_factor=div_factor,
@@ -97,14 +90,37 @@ class OneCycle(ParamScheduler):
             for b in bases:
                 for m in maxes:
                     one_cycle(lr, base_momentum=b, max_momentum=m, **common)
-        if beta2 is not None and (isinstance(beta2, bool) or not isinstance(beta2, (int, float)) or not 0.0 <= beta2 < 1.0):
-            raise ValueError(f"`beta2` must be in [0, 1), got {beta2!r}")
-        self.max_lr, self.cycle_momentum, self.beta2 = max_lr, bool(cycle_momentum), beta2
+        checks.in_range("beta2", beta2, 0.0, 1.0, high_open=True, allow_none=True)
+        self.max_lr, self.cycle_momentum, self.beta2 = max_lr, checks.boolean("cycle_momentum", cycle_momentum), beta2
         self.base_momentum, self.max_momentum, self.one_cycle_kwargs = base_momentum, max_momentum, common
-        self.schedules = {"lr": None, **({"momentum": None} if cycle_momentum else {}), **({"beta2": None} if beta2 is not None else {})}
-        self.multipliers = {}
-        self._init_common(total_steps, optimizers, on_resume)
         self.resolved_max_lr: list[float] | None = None  # per group, after "find"
+        # The schedules for a run with scalar arguments (one schedule for every param group, so groups
+        # added during training follow it too); per-group lists and "find" are built per optimizer at
+        # train start by `schedules_for`.
+        super().__init__(self._build(1.0 if max_lr == "find" else max_lr, None), None,
+                         total_steps=total_steps, optimizers=optimizers, on_resume=on_resume)
+
+    def _build(self, max_lr: float | Sequence[float], n: int | None) -> dict[str, Any]:
+        """``{"lr": ..., "momentum": ..., "beta2": ...}``: one schedule for all groups when every
+        argument is a scalar, else one per group (``n`` groups)."""
+        per_group = any(isinstance(v, (list, tuple)) for v in (max_lr, self.base_momentum, self.max_momentum))
+        if per_group and n is None:  # construction: validated, built for real at train start
+            n = max(len(v) for v in (max_lr, self.base_momentum, self.max_momentum) if isinstance(v, (list, tuple)))
+        if not per_group:
+            lr, mom = one_cycle(max_lr, base_momentum=self.base_momentum, max_momentum=self.max_momentum,
+                                **self.one_cycle_kwargs)
+            schedules: dict[str, Any] = {"lr": lr, "momentum": mom}
+        else:
+            lrs, bases, maxes = (checks.per_item(name, value, n) for name, value in (
+                ("max_lr", max_lr), ("base_momentum", self.base_momentum), ("max_momentum", self.max_momentum)))
+            pairs = [one_cycle(lr, base_momentum=b, max_momentum=m, **self.one_cycle_kwargs)
+                     for lr, b, m in zip(lrs, bases, maxes)]
+            schedules = {"lr": [p[0] for p in pairs], "momentum": [p[1] for p in pairs]}
+        if not self.cycle_momentum:
+            del schedules["momentum"]
+        if self.beta2 is not None:
+            schedules["beta2"] = Constant(self.beta2)
+        return schedules
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.max_lr == "find" and self._finder(trainer) is None:
@@ -121,29 +137,21 @@ class OneCycle(ParamScheduler):
         return next((cb for cb in trainer.callbacks if isinstance(cb, LRRangeTest)), None)
 
     def schedules_for(self, trainer: Trainer, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-        n = len(optimizer.param_groups)
-        if self.max_lr == "find":
+        if self.cycle_momentum and "momentum" not in optimizer.defaults and "betas" not in optimizer.defaults:
+            raise ValueError(
+                f"`cycle_momentum=True` but {type(optimizer).__name__} has neither `momentum` nor `betas`; "
+                "pass cycle_momentum=False (supported: SGD, RMSprop, Adam, AdamW, NAdam, ... )"
+            )
+        if self.beta2 is not None and "betas" not in optimizer.defaults:
+            raise ValueError(f"`beta2={self.beta2}` needs an Adam-family optimizer with `betas`, got {type(optimizer).__name__}")
+        max_lr = self.max_lr
+        if max_lr == "find":
             if self.resolved_max_lr is None:  # fresh run; a resumed one restored it from the checkpoint
                 self.resolved_max_lr = self._finder(trainer).suggestion_for(trainer, trainer.lightning_module, optimizer)
-            lrs = _per_group("max_lr", self.resolved_max_lr, n)
-        else:
-            lrs = _per_group("max_lr", self.max_lr, n)
-        bases = _per_group("base_momentum", self.base_momentum, n)
-        maxes = _per_group("max_momentum", self.max_momentum, n)
-        pairs = [one_cycle(lr, base_momentum=b, max_momentum=m, **self.one_cycle_kwargs) for lr, b, m in zip(lrs, bases, maxes)]
-        schedules: dict[str, Any] = {"lr": [p[0] for p in pairs]}
-        if self.cycle_momentum:
-            if "momentum" not in optimizer.defaults and "betas" not in optimizer.defaults:
-                raise ValueError(
-                    f"`cycle_momentum=True` but {type(optimizer).__name__} has neither `momentum` nor `betas`; "
-                    "pass cycle_momentum=False (supported: SGD, RMSprop, Adam, AdamW, NAdam, ... )"
-                )
-            schedules["momentum"] = [p[1] for p in pairs]
-        if self.beta2 is not None:
-            if "betas" not in optimizer.defaults:
-                raise ValueError(f"`beta2={self.beta2}` needs an Adam-family optimizer with `betas`, got {type(optimizer).__name__}")
-            schedules["beta2"] = Constant(self.beta2)
-        return schedules, {}
+            max_lr = self.resolved_max_lr
+            if len(set(max_lr)) == 1:
+                max_lr = max_lr[0]
+        return self._build(max_lr, len(optimizer.param_groups)), {}
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()

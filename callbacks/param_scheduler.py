@@ -9,9 +9,11 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
+from pl_optim import checks
 from pl_optim.callbacks._base import StepHookCallback, refuse_sharded_strategy
 from pl_optim.callbacks._schedule_length import derive_total_steps
-from pl_optim.schedules import GroupWriter, Schedule
+from pl_optim.param_groups import GroupWriter
+from pl_optim.schedules import Schedule
 
 RESUME = ("checkpoint", "trainer")
 #: torch schedulers that also write momentum/betas when ``cycle_momentum`` is on.
@@ -90,22 +92,16 @@ class ParamScheduler(StepHookCallback):
         self._init_common(total_steps, optimizers, on_resume)
 
     def _init_common(self, total_steps: Any, optimizers: Any, on_resume: str) -> None:
-        totals = [total_steps] if isinstance(total_steps, int) else total_steps
-        if totals is not None and (
-            not isinstance(totals, (list, tuple)) or not totals
-            or any(isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in totals)
-        ):
-            raise ValueError(f"`total_steps` must be a positive int or a list of them, got {total_steps!r}")
-        indices = [optimizers] if isinstance(optimizers, int) else optimizers
-        if indices is not None and (
-            not isinstance(indices, (list, tuple)) or not indices
-            or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in indices)
-        ):
-            raise ValueError(f"`optimizers` must be an optimizer index or a list of them, got {optimizers!r}")
-        if on_resume not in RESUME:
-            raise ValueError(f"`on_resume` must be one of {RESUME}, got {on_resume!r}")
+        totals = [total_steps] if isinstance(total_steps, int) and not isinstance(total_steps, bool) else total_steps
+        if totals is not None:
+            if not isinstance(totals, (list, tuple)) or not totals:
+                raise ValueError(f"`total_steps` must be a positive int or a list of them, got {total_steps!r}")
+            named = len(totals) > 1 or not isinstance(total_steps, int)
+            totals = [checks.integer(f"total_steps[{k}]" if named else "total_steps", t, minimum=1)
+                      for k, t in enumerate(totals)]
+        indices = checks.indices("optimizers", optimizers)
+        checks.one_of("on_resume", on_resume, RESUME)
         self.total_steps, self.optimizer_indices, self.on_resume = totals, indices, on_resume
-        self.steps: list[int] = []
         self.totals: list[int] = []
         self._loaded: dict[str, Any] | None = None
         self._writers: dict[int, GroupWriter] = {}
@@ -129,7 +125,7 @@ class ParamScheduler(StepHookCallback):
 
     # -- Lightning hooks ------------------------------------------------------------------------
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # Hooks are registered in on_train_start (see the class docstring), not here.
+        # Hooks are subscribed in on_train_start (see the class docstring), not here.
         refuse_sharded_strategy(trainer, type(self).__name__)
         selected = self._selected(trainer)
         for config in trainer.lr_scheduler_configs:
@@ -149,10 +145,7 @@ class ParamScheduler(StepHookCallback):
     def _selected(self, trainer: Trainer) -> list[torch.optim.Optimizer]:
         opts = trainer.optimizers
         indices = self.optimizer_indices if self.optimizer_indices is not None else range(len(opts))
-        bad = [i for i in indices if i >= len(opts)]
-        if bad:
-            raise ValueError(f"`optimizers` has indices {bad} but the model configures {len(opts)} optimizer(s)")
-        return [opts[i] for i in indices]
+        return [opts[checks.optimizer_in_range("optimizers", i, len(opts))] for i in indices]
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         opts = trainer.optimizers
@@ -168,14 +161,16 @@ class ParamScheduler(StepHookCallback):
                 self._writers[i] = GroupWriter(opts[i], schedules, multipliers)
             except ValueError as err:
                 raise ValueError(f"{type(self).__name__}, optimizer {i}: {err}") from err
-        self._initial = {f"{i}/{f}": w.multipliers[f] for i, w in self._writers.items()
-                         for f, m in self.multipliers.items() if m == "initial"}
+        self._initial = self._initial_multipliers()
         self._check_overlap(trainer)
-        self.steps, self.totals = self._resume_state(trainer, len(indices))
+        steps, self.totals = self._resume_state(trainer, len(indices))
+        if steps is not None:  # resumed: positions continue from the checkpoint
+            self.load_step_positions([steps[self._slots[i]] if i in self._slots else 0 for i in range(len(opts))])
+        super().on_train_start(trainer, pl_module)
         self._warned = set()
         self._write_all()
         self._rewrite = True
-        StepHookCallback.on_fit_start(self, trainer, pl_module)  # register the step hooks now
+        self._subscribe(trainer)  # the step hooks are registered now (class docstring)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         # Write the first values once more: another callback's on_train_start (e.g. one putting
@@ -186,8 +181,14 @@ class ParamScheduler(StepHookCallback):
 
     def _write_all(self) -> None:
         for i, writer in self._writers.items():
-            slot = self._slots[i]
-            writer.apply(self._position(slot), self.totals[slot])
+            self._apply(i, writer)
+
+    def _apply(self, index: int, writer: GroupWriter) -> None:
+        total = self.totals[self._slots[index]]
+        try:
+            writer.apply(min(self.position(index), total - 1), total)
+        except ValueError as err:  # a param group added during training that cannot be placed
+            raise ValueError(f"{type(self).__name__}, optimizer {index}: {err}") from None
 
     def _check_overlap(self, trainer: Trainer) -> None:
         mine = {(i, k) for i, w in self._writers.items() for k in w.keys.values()}
@@ -200,7 +201,7 @@ class ParamScheduler(StepHookCallback):
                         f"{sorted(mine & theirs)}; give each field to one scheduler"
                     )
 
-    def _resume_state(self, trainer: Trainer, n: int) -> tuple[list[int], list[int]]:
+    def _resume_state(self, trainer: Trainer, n: int) -> tuple[list[int] | None, list[int]]:
         if self.total_steps is not None:
             derived = list(self.total_steps) * (n if len(self.total_steps) == 1 else 1)
             if len(derived) != n:
@@ -208,7 +209,7 @@ class ParamScheduler(StepHookCallback):
         else:
             derived = [derive_total_steps(trainer, len(trainer.optimizers))] * n
         if self._loaded is None:
-            return [0] * n, derived
+            return None, derived
         steps, totals = list(self._loaded["steps"]), list(self._loaded["totals"])
         self._loaded = None
         if len(steps) != n:
@@ -224,29 +225,41 @@ class ParamScheduler(StepHookCallback):
             totals = totals if keep else derived
         return steps, totals
 
-    def _position(self, slot: int) -> int:
-        return min(self.steps[slot], self.totals[slot] - 1)
-
     def after_step(self, trainer: Trainer, index: int, optimizer: torch.optim.Optimizer) -> None:
-        slot = self._slots.get(index)
-        if slot is None:
+        writer = self._writers.get(index)
+        if writer is None:
             return
-        step = self.steps[slot] = self.steps[slot] + 1
-        total = self.totals[slot]
-        if step > total and slot not in self._warned:  # a step ran past the end
-            self._warned.add(slot)
+        step, total = self.position(index), self.totals[self._slots[index]]
+        if step > total and index not in self._warned:  # a step ran past the end
+            self._warned.add(index)
             rank_zero_warn(
                 f"{type(self).__name__}: optimizer {index} made {step} steps, past the end of its schedule "
                 f"({total} steps); holding the final values"
             )
-        self._writers[index].apply(step if step < total else total - 1, total)
+        self._apply(index, writer)
+
+    @property
+    def steps(self) -> list[int]:
+        """Optimizer steps that ran, per scheduled optimizer (:meth:`position`)."""
+        indices = sorted(self._slots, key=self._slots.get) if self._slots else []
+        return [self.position(i) for i in indices] if indices else self._saved_steps()
+
+    def _saved_steps(self) -> list[int]:
+        return list((self._loaded or {}).get("steps", []))
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().teardown(trainer, pl_module, stage)
         self._writers = {}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"steps": list(self.steps), "totals": list(self.totals), "initial": dict(self._initial)}
+        if self._writers:  # groups adopted during training add their factors
+            self._initial = self._initial_multipliers()
+        return {"steps": self.steps, "totals": list(self.totals), "initial": dict(self._initial)}
+
+    def _initial_multipliers(self) -> dict[str, list[float]]:
+        """The factors of ``"initial"`` multipliers, per ``"<optimizer>/<field>"`` (checkpointed)."""
+        return {f"{i}/{f}": list(w.multipliers[f]) for i, w in self._writers.items()
+                for f, m in self.multipliers.items() if m == "initial"}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._loaded = {"steps": [int(s) for s in state_dict["steps"]], "totals": [int(t) for t in state_dict["totals"]],

@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from pl_optim.callbacks._base import StepHookCallback, refuse_sharded_strategy
 from pl_optim.callbacks._channel_removal import ChannelRemoval
+from pl_optim.callbacks._schedule_length import derive_total_steps
 from pl_optim.checks import non_negative, positive
 from pl_optim.compression.quantizer import (
     attach_quantizers,
@@ -69,8 +70,8 @@ class SelfCompression(StepHookCallback):
             the layers and the optimizer state shrink, checkpoints keep loading, DDP is rebuilt.
         removal_interval: decide about removal every this many optimizer steps.
         shift_decay: L1 proximal step per decision on the bias / BatchNorm shift of dead channels.
-        freeze_at: fraction in (0, 1) of the training's optimizer steps
-            (``trainer.estimated_stepping_batches``) after which ``bits``/``exponent`` are held fixed
+        freeze_at: fraction in (0, 1) of the training's optimizer steps (the length every pl_optim
+            schedule uses, :func:`~pl_optim.callbacks._schedule_length.derive_total_steps`) after which ``bits``/``exponent`` are held fixed
             (put back after every optimizer step, no size gradient), so the weights fine-tune on the
             final quantisation; None: they train to the end.
         compute_gamma: weight, ``>= 0``, of the compute-weighted size term ``C = sum_l P_l Q_l /
@@ -191,10 +192,12 @@ class SelfCompression(StepHookCallback):
         return [(opt.param_groups[i - len(groups)], fixed) for i, (_, _, fixed) in enumerate(groups)]
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
         if self.freeze_at is not None:
-            total = trainer.estimated_stepping_batches
-            if not math.isfinite(total):
-                raise ValueError(f"`freeze_at` needs a finite training length (max_steps or max_epochs), got {total}")
+            try:
+                total = derive_total_steps(trainer, len(trainer.optimizers))
+            except ValueError as err:
+                raise ValueError(f"`freeze_at` needs a finite training length: {err}") from None
             self._freeze_step = math.ceil(self.freeze_at * total)
         for group, lr in self._groups:
             if lr is not None:
@@ -222,8 +225,12 @@ class SelfCompression(StepHookCallback):
         self._position_hooks = []
 
     # --- every optimizer step ----------------------------------------------------------------
-    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer) -> None:
-        bits = {id(p) for p in quantizer_parameters(pl_module)}
+    def before_step(self, trainer: Trainer, index: int, optimizer: torch.optim.Optimizer) -> None:
+        # The ledger calls this once the step's gradients exist (unscaled under GradScaler) and only
+        # for steps that update something: the size gradient is added exactly once per real step.
+        pl_module = trainer.lightning_module
+        self._frozen = self.position(index) >= self._freeze_step
+        self._saved = snapshot(pl_module)
         if self._position_hooks and self.positions:
             self._remove_position_hooks()
             if self.compute_gamma:
@@ -231,16 +238,11 @@ class SelfCompression(StepHookCallback):
                 if missing:
                     rank_zero_warn(f"SelfCompression: layer(s) {missing} did not run in the first forward; "
                                    "`compute_gamma` does not press on them")
-        if trainer.global_step >= self._freeze_step or not any(
-            id(p) in bits for g in optimizer.param_groups for p in g["params"]
-        ):
+        bits = {id(p) for p in quantizer_parameters(pl_module)}
+        if self._frozen or not any(id(p) in bits for g in optimizer.param_groups for p in g["params"]):
             return
         if not add_size_grad(pl_module, self.gamma, self.compute_gamma, self.positions):
             rank_zero_warn("SelfCompression: non-finite bits or gradient; the size gradient was skipped this step")
-
-    def before_step(self, trainer: Trainer, index: int, optimizer: torch.optim.Optimizer) -> None:
-        self._saved = snapshot(trainer.lightning_module)
-        self._frozen = trainer.global_step >= self._freeze_step
 
     def after_step(self, trainer: Trainer, index: int, optimizer: torch.optim.Optimizer) -> None:
         if self._frozen:  # hold bits/exponents at their values from the freeze step on
@@ -254,7 +256,7 @@ class SelfCompression(StepHookCallback):
                 f"{trainer.global_step}; kept their previous values"
             )
         if self.removal is not None and index == len(trainer.optimizers) - 1:
-            self.removal.after_step(trainer, trainer.lightning_module, repaired)
+            self.removal.after_step(trainer, trainer.lightning_module, repaired, self.position(index))
 
     # --- logging and report ------------------------------------------------------------------
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -283,12 +285,14 @@ class SelfCompression(StepHookCallback):
             self.plot = plot_series(path, epochs, series, "epoch", "% kept", "SelfCompression: size vs. epoch")
 
     def state_dict(self) -> dict[str, Any]:
-        state = {"history": [dict(h) for h in self.history]}
+        state = {"history": [dict(h) for h in self.history], "steps": self.step_positions()}
         if self.removal is not None:
             state["channel_removal"] = self.removal.state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = [dict(h) for h in state_dict.get("history", [])]
+        if "steps" in state_dict:
+            self.load_step_positions(state_dict["steps"])
         if self.removal is not None and "channel_removal" in state_dict:
             self.removal.load_state_dict(state_dict["channel_removal"])

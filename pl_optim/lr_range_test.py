@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from pl_optim.checks import positive
-from pl_optim.schedules import write_field
+from pl_optim.param_groups import write_field
 
 SUGGESTIONS = ("min_div_10", "steepest")
 

@@ -29,18 +29,14 @@ Lengths given as ``int`` are optimizer steps; lengths given as ``float`` are fra
 boundaries of ``torch.optim.lr_scheduler.OneCycleLR`` (phase ends at ``pct_start * total - 1``,
 ``2 * pct_start * total - 2`` and ``total - 1``), so its values equal torch's to rounding.
 
-:class:`GroupWriter` writes scheduled values into an optimizer's ``param_groups`` (``lr``,
-``momentum``, ``betas[0]``, ``betas[1]``, ``weight_decay`` or any custom key), with per-group
-multipliers.
+Writing the values into an optimizer's ``param_groups`` is :mod:`pl_optim.param_groups`'s job.
 """
 
 from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Callable, Mapping, Sequence
-
-import torch
+from collections.abc import Sequence
 
 from pl_optim.checks import finite as _finite
 
@@ -57,10 +53,7 @@ __all__ = [
     "Warmup",
     "Combined",
     "one_cycle",
-    "GroupWriter",
-    "read_field",
-    "resolve_field",
-    "write_field",
+    "check_schedule",
 ]
 
 Length = int | float
@@ -224,7 +217,7 @@ class WarmRestarts(Schedule):
         return self.end + (self.start - self.end) * (1 + math.cos(math.pi * t_cur / t_i)) / 2
 
 
-def _check_schedule(name: str, s: object) -> Schedule:
+def check_schedule(name: str, s: object) -> Schedule:
     if not callable(s):
         raise ValueError(f"`{name}` must be a schedule (callable (step, total) -> float), got {s!r}")
     return s  # type: ignore[return-value]
@@ -235,7 +228,7 @@ class Warmup(Schedule):
     over the remaining ``total - steps`` steps."""
 
     def __init__(self, schedule: Schedule, steps: Length, start: float = 0.0) -> None:
-        self.schedule = _check_schedule("schedule", schedule)
+        self.schedule = check_schedule("schedule", schedule)
         self.steps = _length("steps", steps)
         self.start = _finite("start", start)
 
@@ -271,7 +264,7 @@ class Combined(Schedule):
 
     def __init__(self, pcts: Sequence[float], schedules: Sequence[Schedule]) -> None:
         self.pcts = tuple(_finite("pcts", p) for p in pcts)
-        self.schedules = tuple(_check_schedule("schedules", s) for s in schedules)
+        self.schedules = tuple(check_schedule("schedules", s) for s in schedules)
         if len(self.pcts) != len(self.schedules) or not self.pcts:
             raise ValueError(f"`pcts` and `schedules` must have the same non-zero length, got {len(self.pcts)} and {len(self.schedules)}")
         if any(p <= 0 for p in self.pcts) or abs(sum(self.pcts) - 1.0) > 1e-9:
@@ -366,138 +359,3 @@ def one_cycle(
         lr = [anneal(initial, max_lr), anneal(max_lr, minimum)]
         mom = [anneal(max_momentum, base_momentum), anneal(base_momentum, max_momentum)]
     return _OneCyclePhases(pct_start, lr), _OneCyclePhases(pct_start, mom)
-
-
-# ----------------------------------------------------------------------------------------------
-# Writing values into param_groups
-# ----------------------------------------------------------------------------------------------
-
-_ALIASES = {"beta1": "betas[0]", "beta2": "betas[1]"}
-
-
-def resolve_field(optimizer: torch.optim.Optimizer, field: str) -> str:
-    """Map a user field name to the param-group key it drives, checking the optimizer has it.
-
-    ``"momentum"`` means ``group["momentum"]`` (SGD, RMSprop) or, for optimizers with ``betas``
-    (the Adam family), ``betas[0]``. ``"beta1"``/``"beta2"`` are aliases of ``"betas[0]"``/
-    ``"betas[1]"``. Any other key must already exist in every param group.
-
-    Raises:
-        ValueError: the optimizer's param groups lack the field.
-    """
-    key = _ALIASES.get(field, field)
-    group = optimizer.param_groups[0]
-    if key == "momentum" and "momentum" not in group and "betas" in group:
-        key = "betas[0]"
-    base = "betas" if key.startswith("betas[") else key
-    if key.startswith("betas[") and key not in ("betas[0]", "betas[1]"):
-        raise ValueError(f"field {field!r} is not supported; use 'betas[0]' or 'betas[1]'")
-    if any(base not in g for g in optimizer.param_groups):
-        have = sorted(k for k, v in group.items() if k != "params" and isinstance(v, (int, float, tuple)))
-        raise ValueError(
-            f"{type(optimizer).__name__} has no param-group field {field!r} (it has {have}); "
-            "'momentum' needs SGD/RMSprop-style `momentum` or Adam-style `betas`"
-        )
-    return key
-
-
-def _setter(key: str) -> Callable[[dict, float], None]:
-    if key == "betas[0]":
-        def set_beta1(group: dict, value: float) -> None:
-            group["betas"] = (value, *group["betas"][1:])
-        return set_beta1
-    if key == "betas[1]":
-        def set_beta2(group: dict, value: float) -> None:
-            group["betas"] = (group["betas"][0], value, *group["betas"][2:])
-        return set_beta2
-
-    def set_key(group: dict, value: float) -> None:
-        current = group[key]
-        if isinstance(current, torch.Tensor):  # tensor lr (e.g. for a compiled step): in place, like torch
-            current.fill_(value)
-        else:
-            group[key] = value
-    return set_key
-
-
-def write_field(group: dict, key: str, value: float) -> None:
-    """Write a resolved field (``"betas[0]"`` style keys included; tensor values in place)."""
-    _setter(key)(group, value)
-
-
-def read_field(group: dict, key: str) -> float:
-    """The current value of a resolved field (``"betas[0]"`` style keys included)."""
-    if key.startswith("betas["):
-        return float(group["betas"][int(key[6])])
-    return group[key]
-
-
-class GroupWriter:
-    """Write scheduled values into the param groups of one optimizer.
-
-    For param group :math:`g` and field :math:`k`:
-    :math:`\\text{group}_g[k] \\leftarrow m_{k,g} \\cdot s_{k,g}(\\text{step}, \\text{total})`,
-    where :math:`s_{k,g}` is one schedule for all groups or one per group, and :math:`m_{k,g}` the
-    per-group multiplier (discriminative learning rates; default 1).
-
-    Args:
-        optimizer: the optimizer whose ``param_groups`` are written.
-        schedules: field -> a schedule, or a list with one schedule per param group. Fields:
-            ``"lr"``, ``"momentum"`` (``betas[0]`` on Adam-likes), ``"betas[0]"``/``"beta1"``,
-            ``"betas[1]"``/``"beta2"``, ``"weight_decay"``, or any existing custom key.
-        multipliers: field -> one factor per param group, or ``"initial"``: each group's current
-            value of the field (schedules then act as factors of what ``configure_optimizers``
-            set, e.g. ``Cosine(1.0, 0.0)`` on discriminative lrs).
-
-    Raises:
-        ValueError: a missing field, or a per-group list of the wrong length.
-
-    Example::
-
-        writer = GroupWriter(opt, {"lr": Cosine(0.1, 0.0)}, {"lr": [0.1, 1.0]})
-        writer.apply(step, total)
-    """
-
-    def __init__(
-        self,
-        optimizer: torch.optim.Optimizer,
-        schedules: Mapping[str, Schedule | Sequence[Schedule]],
-        multipliers: Mapping[str, Sequence[float] | str] | None = None,
-    ) -> None:
-        self.optimizer = optimizer
-        groups = optimizer.param_groups
-        n = len(groups)
-        multipliers = dict(multipliers or {})
-        unknown = set(multipliers) - set(schedules)
-        if unknown:
-            raise ValueError(f"`multipliers` names fields without a schedule: {sorted(unknown)}")
-        # one entry per (group, field): (group dict, setter, schedule, multiplier)
-        self.entries: list[tuple[dict, Callable[[dict, float], None], Schedule, float]] = []
-        self.keys: dict[str, str] = {}
-        self.multipliers: dict[str, list[float]] = {}
-        for field, sched in schedules.items():
-            key = resolve_field(optimizer, field)
-            self.keys[field] = key
-            per_group = list(sched) if isinstance(sched, (list, tuple)) else [sched] * n
-            if len(per_group) != n:
-                raise ValueError(f"`{field}` has {len(per_group)} schedules but the optimizer has {n} param groups")
-            given = multipliers.get(field, [1.0] * n)
-            # "initial": each group's current value (e.g. discriminative lrs from configure_optimizers)
-            mults = [read_field(g, key) for g in groups] if given == "initial" else list(given)
-            if len(mults) != n:
-                raise ValueError(f"`multipliers[{field!r}]` has {len(mults)} values but the optimizer has {n} param groups, got {mults!r}")
-            for m in mults:
-                _finite(f"multipliers[{field!r}]", m)
-            self.multipliers[field] = [float(m) for m in mults]
-            setter = _setter(key)
-            for group, s, m in zip(groups, per_group, mults):
-                self.entries.append((group, setter, _check_schedule(field, s), float(m)))
-
-    def values(self, step: float, total: float) -> list[float]:
-        """The values :meth:`apply` would write, in entry order (field-major, then group)."""
-        return [m * s(step, total) for _, _, s, m in self.entries]
-
-    def apply(self, step: float, total: float) -> None:
-        """Write every scheduled field of every param group for position ``step`` of ``total``."""
-        for group, setter, s, m in self.entries:
-            setter(group, m * s(step, total))

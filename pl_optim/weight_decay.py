@@ -16,7 +16,7 @@ Only parameters that have a gradient are touched (as in torch AdamW). The hot pa
 ``torch._foreach_*`` over each (device, dtype) bucket; :func:`apply_weight_decay` with
 ``foreach=False`` is the plain-loop reference the tests compare against.
 
-:class:`DecoupledDecay` wires this to an optimizer through :class:`pl_optim.steps.StepHooks`
+:class:`DecoupledDecay` wires this to an optimizer through its :class:`pl_optim.steps.StepLedger`
 (usable from a raw PyTorch loop); ``pl_optim.callbacks.DecoupledWeightDecay`` is its Lightning
 front end.
 """
@@ -30,10 +30,9 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Literal
 
 import torch
-from torch.utils.hooks import RemovableHandle
 
 from pl_optim.checks import non_negative
-from pl_optim.steps import StepHooks, check_optimizers
+from pl_optim.steps import StepLedger, _Subscription, check_optimizers
 
 Mode = Literal["lr", "lr_ratio", "constant", "l2"]
 MODES: tuple[str, ...] = ("lr", "lr_ratio", "constant", "l2")
@@ -174,18 +173,18 @@ def unmatched_patterns(patterns: Sequence[str], names: Iterable[str]) -> list[st
 
 
 class DecoupledDecay:
-    """Decoupled weight decay on one optimizer, applied in its step pre-hook.
+    """Decoupled weight decay on one optimizer, applied on every step its ledger counts.
 
     The decay ``λ`` of group ``i`` lives in ``group["weight_decay"]`` between steps, so tools
     that read it (``LearningRateMonitor(log_weight_decay=True)``) show the truth and schedulers
     that write it (``ParamScheduler`` with a ``weight_decay`` field) are obeyed. Around each
     ``optimizer.step()`` that runs:
 
-    * pre-hook, once the gradients exist (right away, or after the closure of
-      ``step(closure)``, see :meth:`torch_pre_hook`): read ``λ`` from the group, apply the decay
+    * before the update, once the gradients exist (right away, or after the closure of
+      ``step(closure)``, see :meth:`attach`): read ``λ`` from the group, apply the decay
       to the group's non-excluded parameters that have a gradient, then set
       ``group["weight_decay"] = 0`` so the optimizer does not add coupled L2 on top;
-    * post-hook: put ``λ`` back, unless someone wrote the field during the step.
+    * after the update: put ``λ`` back, unless someone wrote the field during the step.
 
     Args:
         optimizer: any ``torch.optim.Optimizer``.
@@ -243,8 +242,6 @@ class DecoupledDecay:
         self.lambdas: list[float] = []
         self.lr_refs: list[float | None] = []
         self.last_coefficients: list[float] = []
-        #: number of steps decayed so far (by :meth:`pre_step`)
-        self.steps = 0
         self._adopt_new_groups()
 
     # -- groups ---------------------------------------------------------------------------
@@ -304,7 +301,6 @@ class DecoupledDecay:
             )
             self.last_coefficients[index] = coefficient
             group["weight_decay"] = _STEP_ZERO
-        self.steps += 1
 
     def post_step(self, *_: object) -> None:
         """Put ``λ`` back into every group whose ``weight_decay`` is still our step-time zero."""
@@ -312,39 +308,13 @@ class DecoupledDecay:
             if group["weight_decay"] is _STEP_ZERO:
                 group["weight_decay"] = lam
 
-    def torch_pre_hook(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> tuple | None:
-        """``Optimizer.register_step_pre_hook`` hook running :meth:`pre_step` after the gradients.
-
-        Without a closure the gradients exist already (plain loops, GradScaler, Lightning's
-        mixed precision): decay now. With ``optimizer.step(closure)`` (Lightning's automatic
-        optimization) the forward/backward run *inside* ``step``, after the pre-hooks, so the
-        closure is wrapped to decay once, right after its first call and before the update
-        (the order of torch AdamW: decay the weights the gradient was taken at).
-        """
-        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
-        if closure is None:
-            self.pre_step()
-            return None
-        done = False
-
-        def closure_then_decay():
-            nonlocal done
-            loss = closure()
-            if not done:  # LBFGS calls the closure several times: decay once
-                done = True
-                self.pre_step()
-            return loss
-
-        if "closure" in kwargs:
-            return args, {**kwargs, "closure": closure_then_decay}
-        return (args[0], closure_then_decay, *args[2:]), kwargs
-
-    def attach(self) -> _Handles:
-        """Register :meth:`torch_pre_hook` and :meth:`post_step` as the optimizer's step hooks
-        (they fire only on ``step()`` calls that happen, see :mod:`pl_optim.steps`); call
+    def attach(self) -> _Subscription:
+        """Subscribe :meth:`pre_step` / :meth:`post_step` to the optimizer's
+        :class:`~pl_optim.steps.StepLedger`: the decay runs once per step that counts, once its
+        gradients exist (after the closure's first call with ``step(closure)``, the order of torch
+        AdamW: decay the weights the gradient was taken at) and before the update. Call
         ``.remove()`` on the result to detach."""
-        pre = self.optimizer.register_step_pre_hook(self.torch_pre_hook)
-        return _Handles([pre], StepHooks([self.optimizer], post=self.post_step))
+        return StepLedger.of(self.optimizer).subscribe(before=self.pre_step, after=self.post_step)
 
     # -- checkpointing --------------------------------------------------------------------
     def state_dict(self) -> dict[str, list]:
@@ -372,16 +342,3 @@ def check_lr_ref(lr_ref: object) -> float | list[float] | None:
         raise ValueError(f"`lr_ref` must be None, a finite number > 0 or a sequence of them, got {lr_ref!r}")
     floats = [float(v) for v in values]
     return floats if isinstance(lr_ref, Sequence) else floats[0]
-
-
-class _Handles:
-    """What :meth:`DecoupledDecay.attach` returns: ``.remove()`` detaches (idempotent)."""
-
-    def __init__(self, handles: list[RemovableHandle], hooks: StepHooks) -> None:
-        self._handles, self._hooks = handles, hooks
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self._hooks.remove()

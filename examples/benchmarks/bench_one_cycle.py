@@ -71,7 +71,8 @@ def update_cost(n: int = 20000) -> tuple[float, float]:
     ``GroupWriter.apply`` (what ``OneCycle.after_step`` runs), same optimizer, no Lightning."""
     import timeit
 
-    from pl_optim.schedules import GroupWriter, one_cycle
+    from pl_optim.param_groups import GroupWriter
+    from pl_optim.schedules import one_cycle
 
     params = [torch.nn.Parameter(torch.zeros(3))]
     opt = torch.optim.SGD(params, lr=0.1, momentum=0.9)

@@ -130,11 +130,11 @@ def test_refuses_sgd_naming_it(trainer_kwargs):
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(schedule={-1: True}), r"`schedule` keys must be integers >= 0 .*got -1"),
-        (dict(schedule={1.5: True}), r"`schedule` keys must be integers >= 0 .*got 1.5"),
-        (dict(schedule={"3": True}), r"`schedule` keys must be integers >= 0 .*got '3'"),
-        (dict(schedule={True: True}), r"`schedule` keys must be integers >= 0 .*got True"),
-        (dict(schedule={0: 1}), r"`schedule` values must be True or False, got 1 at key 0"),
+        (dict(schedule={-1: True}), r"`schedule key` must be an integer >= 0, got -1"),
+        (dict(schedule={1.5: True}), r"`schedule key` must be an integer >= 0, got 1.5"),
+        (dict(schedule={"3": True}), r"`schedule key` must be an integer >= 0, got '3'"),
+        (dict(schedule={True: True}), r"`schedule key` must be an integer >= 0, got True"),
+        (dict(schedule={0: 1}), r"`schedule\[0\]` must be True or False, got 1"),
         (dict(schedule={}), r"`schedule` must be a non-empty mapping"),
         (dict(schedule=[0, 1]), r"`schedule` must be a non-empty mapping .*got \[0, 1\]"),
         (dict(schedule={0: True}, interval="batch"), r"`interval` must be one of \('epoch', 'step'\), got 'batch'"),

@@ -315,6 +315,6 @@ def test_manual_optimization_several_optimizers_and_groups(trainer_kwargs):
     )
     torch.testing.assert_close(model.net[0].weight.detach(), w_a * 0.9**6)
     torch.testing.assert_close(model.net[2].weight.detach(), w_b * 0.9**3)
-    assert logger.values("wd_effective-SGD-0") == pytest.approx([0.1] * 6)
+    assert logger.values("wd_effective-SGD") == pytest.approx([0.1] * 6)  # LearningRateMonitor's names
     assert logger.values("wd_effective-SGD-1/pg1") == pytest.approx([0.1] * 3)
     assert logger.values("wd_effective-SGD-1/pg2") == pytest.approx([0.1] * 3)  # λ of the group (bias excluded)

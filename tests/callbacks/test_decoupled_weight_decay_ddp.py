@@ -22,6 +22,7 @@ def _run(out: Path) -> None:
 
     from examples.tiny import RandomClassificationData, TinyClassifier
     from pl_optim.callbacks import AMSGradToggle, DecoupledWeightDecay
+    from pl_optim.steps import StepLedger
 
     torch.set_num_threads(1)
     pl.seed_everything(0, verbose=False)
@@ -36,7 +37,7 @@ def _run(out: Path) -> None:
     opt = trainer.optimizers[0]
     state = {
         "weights": [p.detach().flatten().tolist() for p in model.parameters()],
-        "decay_steps": decay.decays[0].steps,
+        "decay_steps": StepLedger.of(trainer.optimizers[0]).steps,
         "amsgrad": opt.param_groups[0]["amsgrad"],
         "max_state": all("max_exp_avg_sq" in s for s in opt.state.values()),
         "weight_decay": opt.param_groups[0]["weight_decay"],

@@ -11,7 +11,8 @@ from lightning.pytorch.callbacks import GradientAccumulationScheduler
 
 from examples.tiny import RandomClassificationData, TinyClassifier
 from pl_optim.callbacks import OneCycle, StepHookCallback
-from pl_optim.schedules import one_cycle, read_field
+from pl_optim.param_groups import read_field
+from pl_optim.schedules import one_cycle
 from tests.helpers import InjectInfGrad, fp16_cpu_plugin
 
 
@@ -185,9 +186,9 @@ def test_resume_with_more_epochs_on_resume_trainer(trainer_kwargs, tmp_path):
         ({"base_momentum": 1.2}, r"`base_momentum` must be in \[0, 1\), got 1.2"),
         ({"max_momentum": [0.9, 1.0]}, r"`max_momentum` must be in \[0, 1\), got 1.0"),
         ({"anneal_strategy": "cosine"}, r"`anneal_strategy` must be one of \['cos', 'linear'\], got 'cosine'"),
-        ({"beta2": 1.0}, r"`beta2` must be in \[0, 1\), got 1.0"),
-        ({"total_steps": 0}, r"`total_steps` must be a positive int or a list of them, got 0"),
-        ({"optimizers": -1}, r"`optimizers` must be an optimizer index or a list of them, got -1"),
+        ({"beta2": 1.0}, r"`beta2` must be in \[0, 1\) or None, got 1.0"),
+        ({"total_steps": 0}, r"`total_steps` must be an integer >= 1, got 0"),
+        ({"optimizers": -1}, r"`optimizers` must be None, an index >= 0 or a list of distinct ones, got -1"),
         ({"on_resume": "restart"}, r"`on_resume` must be one of \('checkpoint', 'trainer'\), got 'restart'"),
     ],
 )
@@ -200,11 +201,11 @@ def test_bad_arguments(kwargs, match):
     "cb,model,match",
     [
         (OneCycle(0.1), TinyClassifier(optimizer="adagrad"), "`cycle_momentum=True` but Adagrad has neither"),
-        (OneCycle([0.1, 0.2, 0.3]), TinyClassifier(), r"`max_lr` has 3 values but the optimizer has 1 param groups"),
+        (OneCycle([0.1, 0.2, 0.3]), TinyClassifier(), r"`max_lr` has 3 values but there are 1 param groups"),
         (OneCycle(0.1, beta2=0.99), TinyClassifier(optimizer="sgd"), "`beta2=0.99` needs an Adam-family optimizer"),
         (OneCycle(0.1), TorchOneCycleModule(5), "also gives the torch scheduler OneCycleLR"),
         (OneCycle("find"), TinyClassifier(), r"needs an LRRangeTest callback"),
-        (OneCycle(0.1, optimizers=[1]), TinyClassifier(), r"`optimizers` has indices \[1\] but the model configures 1"),
+        (OneCycle(0.1, optimizers=[1]), TinyClassifier(), r"`optimizers` is 1 but the model configures 1 optimizer"),
     ],
 )
 def test_bad_setup(trainer_kwargs, cb, model, match):

@@ -168,9 +168,9 @@ def test_weight_decay_schedule_survives_a_zero_restore_hook(trainer_kwargs, firs
         ({"schedules": {"lr": 0.1}}, r"`schedules\['lr'\]` must be a schedule or a list of schedules, got 0.1"),
         ({"multipliers": [0.1, 1.0]}, r"`multipliers` must be a dict field -> per-group factors or 'initial', got \[0.1, 1.0\]"),
         ({"multipliers": {"lr": "first"}}, r"`multipliers` must be a dict .* got \{'lr': 'first'\}"),
-        ({"total_steps": [10, 0]}, r"`total_steps` must be a positive int or a list of them, got \[10, 0\]"),
+        ({"total_steps": [10, 0]}, r"`total_steps\[1\]` must be an integer >= 1, got 0"),
         ({"total_steps": 2.5}, r"`total_steps` must be a positive int or a list of them, got 2.5"),
-        ({"optimizers": "all"}, r"`optimizers` must be an optimizer index or a list of them, got 'all'"),
+        ({"optimizers": "all"}, r"`optimizers` must be None, an index >= 0 or a list of distinct ones, got 'all'"),
     ],
 )
 def test_bad_arguments(kwargs, match):

@@ -264,7 +264,7 @@ def test_bad_exclude_and_model_at_setup(trainer_kwargs):
         _fit(trainer_kwargs, NoLayers(), SelfCompression(1.0), limit_train_batches=1)
     with pytest.raises(ValueError, match=r"`optimizer_index` 3 is out of range: the trainer has 1 optimizer"):
         _fit(trainer_kwargs, BitsOnlyOptimizer(), SelfCompression(1.0, optimizer_index=3), limit_train_batches=1)
-    with pytest.raises(ValueError, match=r"`freeze_at` needs a finite training length .*got inf"):
+    with pytest.raises(ValueError, match=r"`freeze_at` needs a finite training length.*got inf"):
         trainer = pl.Trainer(max_epochs=-1, callbacks=[SelfCompression(1.0, freeze_at=0.5)], **trainer_kwargs)
         trainer.fit(TinyConvNet(), datamodule=_data())
 

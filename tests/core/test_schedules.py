@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 
+from pl_optim.param_groups import GroupWriter, read_field, resolve_field
 from pl_optim.schedules import (
     Combined,
     Constant,
     Cosine,
     Exponential,
-    GroupWriter,
     Linear,
     MultiStep,
     Polynomial,
@@ -20,8 +20,6 @@ from pl_optim.schedules import (
     WarmRestarts,
     Warmup,
     one_cycle,
-    read_field,
-    resolve_field,
 )
 
 S = torch.optim.lr_scheduler

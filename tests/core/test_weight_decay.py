@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from pl_optim import DecoupledDecay, StepHooks, apply_weight_decay
+from pl_optim.steps import StepLedger
 from pl_optim.weight_decay import compile_exclude, decay_coefficient, unmatched_patterns
 
 
@@ -345,7 +346,7 @@ def test_step_with_closure_decays_after_the_gradient_once():
     train_with_closure(b, opt, batches[:30], True)
     train_with_closure(a, ref, batches[30:], False)
     train_with_closure(b, opt, batches[30:], False)
-    assert _max_diff(a, b) <= 1e-6 and decay.steps == 60
+    assert _max_diff(a, b) <= 1e-6 and StepLedger.of(opt).steps == 60
     p = nn.Parameter(torch.full((2, 2), 2.0))
     lbfgs = torch.optim.LBFGS([p], lr=0.0, max_iter=5)
     DecoupledDecay(lbfgs, 0.1, mode="constant").attach()
