@@ -5,10 +5,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
-from pl_optim.callbacks._base import group_metric_names, log_step_metrics, refuse_sharded_strategy
+from pl_optim.callbacks._base import (
+    StepHookCallback,
+    group_metric_names,
+    log_step_metrics,
+    refuse_sharded_strategy,
+)
 from pl_optim.steps import StepLedger
 from pl_optim.weight_decay import (
     DecoupledDecay,
@@ -21,7 +26,7 @@ from pl_optim.weight_decay import (
 )
 
 
-class DecoupledWeightDecay(Callback):
+class DecoupledWeightDecay(StepHookCallback):
     r"""Decoupled weight decay for any torch optimizer (Loshchilov & Hutter).
 
     Right before every optimizer step that actually runs (never on gradient-accumulation
@@ -113,6 +118,7 @@ class DecoupledWeightDecay(Callback):
         self._logged_steps = [ledger.steps for ledger in self._ledgers]
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)  # positions (the decay itself runs on the ledger)
         # An optimizer state restored from a checkpoint carries weight_decay=0 (see
         # on_save_checkpoint): put λ back where the ecosystem reads it. Fresh runs already hold λ
         # since fit start (and may hold a ParamScheduler's first value, which must not be undone).
@@ -130,6 +136,7 @@ class DecoupledWeightDecay(Callback):
         log_step_metrics(trainer, metrics)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
         self._remove_hooks()
 
     def _remove_hooks(self) -> None:
@@ -143,11 +150,12 @@ class DecoupledWeightDecay(Callback):
                 group["weight_decay"] = 0.0
 
     def state_dict(self) -> dict[str, Any]:
-        if not self.decays:
-            return {"optimizers": self._loaded or []}
-        return {"optimizers": [d.state_dict() for d in self.decays]}
+        decays = [d.state_dict() for d in self.decays] if self.decays else self._loaded or []
+        return {"optimizers": decays, "steps": self.step_positions()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._loaded = list(state_dict["optimizers"])
+        if "steps" in state_dict:
+            self.load_step_positions(state_dict["steps"])
         for decay, state in zip(self.decays, self._loaded):
             decay.load_state_dict(state)

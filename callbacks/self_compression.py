@@ -182,6 +182,12 @@ class SelfCompression(StepHookCallback):
         if index >= len(trainer.optimizers):
             raise ValueError(f"`optimizer_index` {index} is out of range: the trainer has {len(trainer.optimizers)} optimizer(s)")
         opt = trainer.optimizers[index]
+        if isinstance(opt, torch.optim.LBFGS):
+            raise ValueError(
+                "SelfCompression adds param groups for the bit depths/exponents, but LBFGS supports exactly one "
+                "param group; put the quantiser parameters into the LBFGS group yourself (configure_optimizers: "
+                "torch.optim.LBFGS(self.parameters())) and leave `lr`/`exponent_lr` at None, or use another optimizer"
+            )
         for group in opt.param_groups:
             group["params"] = [p for p in group["params"] if id(p) not in ids]
         lr = self.lr if self.lr is not None else opt.param_groups[0]["lr"]
