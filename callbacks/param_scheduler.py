@@ -183,10 +183,10 @@ class ParamScheduler(StepHookCallback):
         for i, writer in self._writers.items():
             self._apply(i, writer)
 
-    def _apply(self, index: int, writer: GroupWriter) -> None:
+    def _apply(self, index: int, writer: GroupWriter, only_new: bool = False) -> None:
         total = self.totals[self._slots[index]]
         try:
-            writer.apply(min(self.position(index), total - 1), total)
+            writer.apply(min(self.position(index), total - 1), total, only_new)
         except ValueError as err:  # a param group added during training that cannot be placed
             raise ValueError(f"{type(self).__name__}, optimizer {index}: {err}") from None
 
@@ -225,6 +225,16 @@ class ParamScheduler(StepHookCallback):
             totals = totals if keep else derived
         return steps, totals
 
+    #: the before-step hook (placing groups added since the last step) runs ahead of other callbacks'
+    #: so they read this step's values; the after-step hook keeps its place (class docstring)
+    early_subscriber = True
+
+    def before_step(self, trainer: Trainer, index: int, optimizer: torch.optim.Optimizer) -> None:
+        # A group added since the last step (an unfreeze) gets this step's values before its first update.
+        writer = self._writers.get(index)
+        if writer is not None and len(optimizer.param_groups) != writer.n_groups:
+            self._apply(index, writer, only_new=True)
+
     def after_step(self, trainer: Trainer, index: int, optimizer: torch.optim.Optimizer) -> None:
         writer = self._writers.get(index)
         if writer is None:
@@ -249,6 +259,8 @@ class ParamScheduler(StepHookCallback):
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().teardown(trainer, pl_module, stage)
+        if self._writers:  # keep the factors of groups adopted during training for a later save
+            self._initial = self._initial_multipliers()
         self._writers = {}
 
     def state_dict(self) -> dict[str, Any]:
