@@ -8,6 +8,7 @@ from typing import Any, Literal
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
+from pl_optim import checks
 from pl_optim.callbacks._base import (
     StepHookCallback,
     group_metric_names,
@@ -85,10 +86,11 @@ class DecoupledWeightDecay(StepHookCallback):
             check_weight_decay(weight_decay)
         self.weight_decay = weight_decay
         self.mode = check_mode(mode)
+        self.exclude_1d = checks.boolean("exclude_1d", exclude_1d)
         compile_exclude(exclude, exclude_1d)  # validates
-        self.exclude, self.exclude_1d = exclude, bool(exclude_1d)
+        self.exclude = exclude
         self.lr_ref = check_lr_ref(lr_ref)
-        self.foreach, self.log = bool(foreach), bool(log)
+        self.foreach, self.log = checks.boolean("foreach", foreach), checks.boolean("log", log)
         self.decays: list[DecoupledDecay] = []
         self._loaded: list[dict] | None = None
         self._hooks: list = []

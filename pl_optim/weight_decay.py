@@ -31,6 +31,7 @@ from typing import Literal
 
 import torch
 
+from pl_optim import checks
 from pl_optim.checks import non_negative
 from pl_optim.steps import StepLedger, _Subscription, check_optimizers
 
@@ -69,7 +70,8 @@ def decay_coefficient(mode: str, weight_decay: float, lr: float, lr_ref: float |
             decoupled coefficient outside [0, 1] (``w·(1 − c)`` would flip or blow up the weights).
     """
     check_mode(mode)
-    lr = float(lr)
+    lr = checks.non_negative("lr", lr)
+    weight_decay = check_weight_decay(weight_decay)
     if mode == "lr":
         coefficient = lr * weight_decay
     elif mode == "lr_ratio":
@@ -102,6 +104,11 @@ def apply_weight_decay(
             plain-loop reference.
     """
     check_mode(mode)
+    checks.boolean("foreach", foreach)
+    if mode == "l2":
+        checks.non_negative("coefficient", coefficient)
+    else:
+        checks.in_range("coefficient", coefficient, 0.0, 1.0)
     params = [p for p in params if p.grad is not None]
     if not params or coefficient == 0:
         return
@@ -154,7 +161,7 @@ def compile_exclude(exclude: Exclude, exclude_1d: bool = True) -> tuple[ExcludeP
     try:
         compiled = [re.compile(p) for p in patterns]
     except re.error as err:
-        raise ValueError(f"`exclude` pattern is not a valid regular expression: {err}") from None
+        raise ValueError(f"`exclude` pattern is not a valid regular expression ({err}), got {exclude!r}") from None
 
     def predicate(name: str, param: torch.Tensor) -> bool:
         if exclude_1d and param.ndim <= 1:
@@ -229,7 +236,7 @@ class DecoupledDecay:
         self.from_optimizer = weight_decay == "optimizer"
         self.weight_decay = None if self.from_optimizer else check_weight_decay(weight_decay)
         self.mode = check_mode(mode)
-        self.foreach = bool(foreach)
+        self.foreach = checks.boolean("foreach", foreach)
         self._lr_ref_arg = check_lr_ref(lr_ref)
         self._exclude, patterns = compile_exclude(exclude, exclude_1d)
         self._names = {id(p): n for n, p in named_parameters}

@@ -82,10 +82,10 @@ def _time_removals(monkey: list) -> None:
     """Record the wall time of every removal decision (graph build, removal event, plain decision)."""
     original = ChannelRemoval.after_step
 
-    def timed(self, trainer, pl_module, repaired):
+    def timed(self, trainer, pl_module, repaired, step):
         had_graph, events = self.graph is not None, len(self.events)
         start = CLOCK()
-        original(self, trainer, pl_module, repaired)
+        original(self, trainer, pl_module, repaired, step)
         kind = "trace" if not had_graph and self.graph is not None else "event" if len(self.events) > events else "decide"
         monkey.append((kind, CLOCK() - start))
 

@@ -198,7 +198,7 @@ def test_checkpoint_resume_matches_straight_run_and_stores_zero_in_optimizer(tra
     trainer.save_checkpoint(path)
     ckpt = torch.load(path, weights_only=False)
     assert ckpt["optimizer_states"][0]["param_groups"][0]["weight_decay"] == 0.0  # no coupled L2 without us
-    assert ckpt["callbacks"]["DecoupledWeightDecay"] == {"optimizers": [{"lambdas": [0.5], "lr_refs": [0.05]}]}
+    assert ckpt["callbacks"]["DecoupledWeightDecay"] == {"optimizers": [{"lambdas": [0.5], "lr_refs": [0.05]}], "steps": [8]}
     resumed = make()
     probe = WeightDecayProbe()
     callback = DecoupledWeightDecay(0.5, mode="lr")
