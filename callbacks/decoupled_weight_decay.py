@@ -127,6 +127,11 @@ class DecoupledWeightDecay(StepHookCallback):
         if trainer.ckpt_path is not None:
             for decay in self.decays:
                 decay.write_lambdas()
+        for index, decay in enumerate(self.decays):  # e.g. λ too large for the lr: fail now, not at step 1
+            try:
+                decay.check_coefficients()
+            except ValueError as err:
+                raise ValueError(f"DecoupledWeightDecay, optimizer {index}: {err}") from None
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         names = group_metric_names("wd_effective", trainer.optimizers) if self.log else []

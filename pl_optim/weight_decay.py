@@ -288,6 +288,14 @@ class DecoupledDecay:
             self._decays[key] = not self._exclude(self._names.get(key, ""), p)
         return self._decays[key]
 
+    def check_coefficients(self) -> list[float]:
+        """The coefficient each group would get with its current ``lr`` and ``λ``; raises the
+        ``ValueError`` of :func:`decay_coefficient` now (at setup) rather than at the first step."""
+        return [
+            decay_coefficient(self.mode, lam, group["lr"], ref)
+            for group, lam, ref in zip(self.optimizer.param_groups, self.lambdas, self.lr_refs)
+        ]
+
     def write_lambdas(self) -> None:
         """Write the owned ``λ`` values into ``group["weight_decay"]`` (e.g. after an optimizer
         state was loaded from a checkpoint that carries other values)."""
