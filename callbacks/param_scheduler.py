@@ -27,11 +27,13 @@ class ParamScheduler(StepHookCallback):
     :math:`n` (the number of steps of :math:`o` that already ran, held at :math:`T-1` past the
     end): :math:`\text{group}_g[k] = m_{k,g}\, s_{k,g}(\min(n, T-1), T)`.
     Values are written in ``on_train_start`` (after a checkpoint restored the optimizer, so
-    resumed runs continue exactly) and after each step that ran, for the next one (torch step
-    post-hooks: gradient-accumulation micro-batches and GradScaler-skipped fp16 steps never
-    advance the counter). Hooks are registered in ``on_train_start``, after the ``on_fit_start``
-    hooks of other callbacks, so a callback that zeroes ``weight_decay`` around the step and puts
-    it back afterwards (decoupled decay) sees this scheduler's value at the next step.
+    resumed runs continue exactly) and after each step that ran, for the next one (the optimizer's
+    :class:`~pl_optim.steps.StepLedger`: gradient-accumulation micro-batches, GradScaler-skipped
+    steps and steps that updated nothing never advance the position). The after-step hook is
+    subscribed in ``on_train_start``, after the ``on_fit_start`` subscriptions of other callbacks,
+    so a callback that zeroes ``weight_decay`` around the step and puts it back afterwards
+    (decoupled decay) sees this scheduler's value at the next step. Param groups added during
+    training follow the rule of :mod:`pl_optim.param_groups` from their first step.
 
     The total :math:`T` is ``total_steps`` or :func:`derive_total_steps`. It is saved in the
     checkpoint with the counters. Resuming with a different ``max_epochs``/``max_steps``:

@@ -302,7 +302,7 @@ class DecoupledDecay:
         for group, lam in zip(self.optimizer.param_groups, self.lambdas):
             group["weight_decay"] = lam
 
-    # -- step hooks -----------------------------------------------------------------------
+    # -- around each step the ledger counts -----------------------------------------------
     def pre_step(self, *_: object) -> None:
         """Read ``λ`` from each group, decay, and zero the group's ``weight_decay`` for the step."""
         self._adopt_new_groups()
