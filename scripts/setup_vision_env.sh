@@ -3,7 +3,8 @@
 # pytest, and pl-optim itself installed without lightning (the vision tests use only the pure-torch core).
 # Never install torchvision into the main .venv: the package index's torchvision is built for CUDA torch,
 # fails to import beside the CPU torch 2.13 ("operator torchvision::nms does not exist") and can break lightning.
-# Idempotent: a venv whose `import torchvision.models` works is kept as it is.
+# Idempotent: a venv this script finished (marker .vision_ok, written after `import torchvision.models` worked)
+# is kept as it is; delete the venv to rebuild it.
 # The pair (override with VISION_TORCH / VISION_TORCHVISION), by `uname -m`:
 #   x86_64:  torch 2.14.1 + torchvision 0.29.1 (a CUDA build, ~5.5 GB, runs on the CPU)
 #   aarch64: torch 2.9.1  + torchvision 0.24.1 (a CPU build, ~0.7 GB)
@@ -21,7 +22,7 @@ TV_VISION=${VISION_TORCHVISION:-$TV_VISION}
 t0=$SECONDS
 stage() { echo "[setup-vision +$((SECONDS - t0))s] $*"; }
 works() { "$VENV/bin/python" -c "import torch, torchvision.models, pytest, pl_optim.compression" 2>/dev/null; }
-if [ -x "$VENV/bin/python" ] && works; then
+if [ -f "$VENV/.vision_ok" ] && [ -x "$VENV/bin/python" ]; then  # checked when it was made (an import takes ~1 min)
     stage "keeping $VENV (torch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)'), torchvision $("$VENV/bin/python" -c 'import torchvision; print(torchvision.__version__)'))"
     touch "$VENV/.vision_ok"
     exit 0
@@ -32,11 +33,13 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PY" -m venv "$VENV"
 fi
 PIP=("$VENV/bin/python" -m pip)
+# pip's configured extra indexes print one "is ignored" line per package: keep the output readable
+pip_quiet() { "${PIP[@]}" "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }; }
 stage "installing torch==$TV_TORCH torchvision==$TV_VISION (large: taken from local disk when pip finds it there)"
-"${PIP[@]}" install -q --progress-bar off "torch==$TV_TORCH" "torchvision==$TV_VISION"
+pip_quiet install -q --progress-bar off "torch==$TV_TORCH" "torchvision==$TV_VISION"
 stage "installing pytest and pl-optim (editable, --no-deps: no lightning in this venv)"
-"${PIP[@]}" install -q --progress-bar off "pytest>=8" "setuptools>=77"
-"${PIP[@]}" install -q --progress-bar off --no-deps --no-build-isolation -e .
+pip_quiet install -q --progress-bar off "pytest>=8" "setuptools>=77"
+pip_quiet install -q --progress-bar off --no-deps --no-build-isolation -e .
 if works; then
     touch "$VENV/.vision_ok"
     stage "done: $("$VENV/bin/python" -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__)')"
