@@ -129,7 +129,8 @@ class ChannelGraph:
             (``"network output"`` is always the entry for the output's channels).
 
     Raises:
-        ValueError: the model cannot be traced with ``torch.fx`` (message carries the reason).
+        ValueError: the model cannot be traced with ``torch.fx``, or fails on the example input
+            (the message carries the reason; the model is left as it was).
     """
 
     def __init__(self, model: nn.Module, *example_args) -> None:
@@ -142,6 +143,9 @@ class ChannelGraph:
         try:
             with torch.no_grad():
                 ShapeProp(gm).propagate(*example_args)
+        except Exception as exc:  # noqa: BLE001 - whatever the model raises on this input
+            raise ValueError(f"channel removal could not run the example input through the model: "
+                             f"{type(exc).__name__}: {exc}") from exc
         finally:
             for m, training in modes.items():
                 m.training = training
