@@ -388,9 +388,10 @@ class ChannelGraph:
         if k is not None:
             return _extend(vals[tracked[0]], lambda v, t: v * k)
         place = describe(node, self.modules)
+        if any(isinstance(a, fx.Node) and a.op == "get_attr" for a in node.args) and len(tracked) == 1:
+            raise _Unsupported("product of channels with a parameter or buffer (e.g. a layer scale)", place)
         if len(tracked) != 2 or len(node.args) != 2 or node.kwargs or tracked[0] is tracked[1]:
-            raise _Unsupported("product of channels with a tensor the analysis does not follow "
-                               "(a parameter, the input, a constant)", place)
+            raise _Unsupported("product of channels with a tensor the analysis does not follow", place)
         a, b = tracked
         gate, main = (a, b) if _broadcasts(a, b) else (b, a) if _broadcasts(b, a) else (None, None)
         if gate is None and _shape(a) == _shape(b):

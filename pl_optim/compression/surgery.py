@@ -96,12 +96,16 @@ def check_optimizer_state_sliceable(
 
     Raises:
         ValueError: naming the optimizer class and the state key.
+        TypeError: ``optimizers`` holds something else than optimizers.
 
     Example::
 
         check_optimizer_state_sliceable(opt)   # at setup, before training
     """
     optimizers = [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else list(optimizers)
+    bad = [o for o in optimizers if not isinstance(o, torch.optim.Optimizer)]
+    if bad:
+        raise TypeError(f"`optimizers` must be torch.optim.Optimizer objects, got {type(bad[0]).__name__}")
     wanted = None if params is None else {id(p) for p in params}
     probes: dict[tuple[int, int, int], tuple[dict, torch.Size] | None] = {}
     for opt in optimizers:

@@ -224,3 +224,8 @@ def test_setup_check_probes_empty_state():
         check_optimizer_state_sliceable(opt)  # refused at setup, before the first step
     assert not opt.state
     _assert_same(_snapshot(net, opt), before)
+
+
+def test_setup_check_names_a_non_optimizer():
+    with pytest.raises(TypeError, match="`optimizers` must be torch.optim.Optimizer objects, got dict"):
+        check_optimizer_state_sliceable([{"lr": 0.1}])

@@ -22,7 +22,7 @@ MODELS = {
     "regnet_x_400mf": (65, []),  # grouped convs: whole conv groups go
     "densenet121": (70, []),  # BatchNorm after concatenation
     "squeezenet1_1": (70, []),
-    "convnext_tiny": (40, ["LayerNorm", "product of channels with a tensor"]),  # only the MLP hidden channels
+    "convnext_tiny": (40, ["LayerNorm", "product of channels with a parameter"]),  # only the MLP hidden channels
     "shufflenet_v2_x0_5": (40, ["channel shuffle"]),
 }
 
