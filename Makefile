@@ -21,7 +21,8 @@ test: setup
 	$(VENV)/bin/ruff check .
 	WANDB_MODE=offline $(PYTHON) -m pytest -q
 	@if VISION_VENV=$(VISION_VENV) bash scripts/setup_vision_env.sh; then $(VISION_TESTS); \
-	else echo "[test] no working torchvision venv ($(VISION_VENV)): tests/vision not run"; fi
+	elif [ -n "$$CI" ]; then echo "[test] CI: the torchvision venv ($(VISION_VENV)) could not be set up"; exit 1; \
+	else echo "[test] no working torchvision venv ($(VISION_VENV)): tests/vision NOT run"; fi
 
 ## Channel removal on torchvision's models, in its own venv (torch + torchvision, no lightning).
 test-vision:
