@@ -21,6 +21,7 @@ Tasks:
 * ``resnet9``: the ResNet-9 example at CPU widths (16, 32, 64, 128) on the same digits.
 * ``hard``: harder digits for a CPU — 400 training images, 20% of their labels replaced by a
   random other class, random ±1 pixel shifts; clean validation set (:class:`HardDigitsDataModule`).
+* ``few``: the same 400 images and shifts without label noise.
 * ``cifar10``: ResNet-9 (64, 128, 256, 512) on CIFAR-10 from ``--cifar-dir`` (GPU recommended;
   nothing is downloaded).
 
@@ -114,10 +115,11 @@ def base_config(task: str, cifar_dir: str | None) -> dict:
     elif task == "resnet9":
         model = {"class_path": "examples.models.ResNet9", "init_args": {"widths": [16, 32, 64, 128], "in_channels": 1}}
         data = digits
-    elif task == "hard":
+    elif task in ("hard", "few"):
         model = {"class_path": "examples.models.DigitsConvNet", "init_args": {"channels": [32, 64, 64]}}
+        noise = 0.2 if task == "hard" else 0.0
         data = {"class_path": f"{__name__}.HardDigitsDataModule",
-                "init_args": {"batch_size": 32, "seed": 0, "train_size": 400, "label_noise": 0.2, "shift": 1}}
+                "init_args": {"batch_size": 32, "seed": 0, "train_size": 400, "label_noise": noise, "shift": 1}}
     else:
         if not cifar_dir:
             raise SystemExit("error: `--task cifar10` needs `--cifar-dir` (a folder holding cifar-10-batches-py)")
@@ -193,7 +195,8 @@ def summarise(study: Study, records: list[dict], seeds: list[int], budgets: list
 DEFAULTS = {  # task: (max_epochs, budgets, tuned lr, target)
     "digits": (12, [1, 2, 3, 4, 6, 8], 3e-3, 0.986),
     "resnet9": (12, [1, 2, 3, 4, 6, 8], 3e-3, 0.986),
-    "hard": (40, [5, 10, 15, 20, 30], 3e-3, 0.95),
+    "hard": (40, [5, 10, 15, 20, 30], 3e-3, 0.93),
+    "few": (30, [3, 5, 8, 12, 20], 3e-3, 0.95),
     "cifar10": (100, [10, 20, 30, 50], 3e-3, 0.94),
 }
 
