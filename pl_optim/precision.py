@@ -135,10 +135,11 @@ def check_scaler_optimizer(optimizer: torch.optim.Optimizer, feature: str) -> No
 class CompensatedUpdate:
     """Compensated low-precision updates for any optimizer (see the module docstring).
 
-    Subscribes to the optimizer's :class:`~pl_optim.steps.StepLedger` on construction: its
-    ``before`` upcasts (subscribe it FIRST, so that decoupled decay and size gradients of later
-    subscribers act on the float32 view); its ``after`` runs LAST (it subscribes itself at the end
-    of the list during ``before``), storing the result back in low precision.
+    Subscribes to the optimizer's :class:`~pl_optim.steps.StepLedger` on construction; create it
+    BEFORE the other step hooks of the optimizer: its ``before`` upcasts first, so that the
+    ``before`` hooks subscribed later (decoupled decay, the size gradient of self-compression) act
+    on the float32 view; its ``after`` stores the result back first, so that later ``after`` hooks
+    (schedules, channel removal) see the stored low-precision model.
 
     Args:
         optimizer: any ``torch.optim.Optimizer`` (not LBFGS) over bf16/fp16 parameters
@@ -169,7 +170,6 @@ class CompensatedUpdate:
         self._pending_states: dict[str, torch.Tensor] = {}
         self._active: list[tuple[torch.Tensor, torch.dtype, torch.Tensor | None, list[Any]]] = []
         self._handle = None
-        self._finish = None
         if attach:
             self.attach()
 
@@ -177,17 +177,16 @@ class CompensatedUpdate:
     def attach(self) -> CompensatedUpdate:
         """Subscribe to the optimizer's ledger (idempotent)."""
         if self._handle is None:
-            self._handle = StepLedger.of(self.optimizer).subscribe(before=self._begin)
+            self._handle = StepLedger.of(self.optimizer).subscribe(before=self._begin, after=self._end)
         return self
 
     def detach(self) -> None:
         """Unsubscribe; parameters stay in low precision (idempotent)."""
         if self._active:
             self._end(self.optimizer)
-        for h in (self._handle, self._finish):
-            if h is not None:
-                h.remove()
-        self._handle = self._finish = None
+        if self._handle is not None:
+            self._handle.remove()
+        self._handle = None
 
     def generator(self, device: torch.device) -> torch.Generator:
         key = str(device)
@@ -223,8 +222,6 @@ class CompensatedUpdate:
                 p.data = full
                 p.grad = grad.float()
                 self._active.append((p, low_dtype, grad, upcast))
-        if self._active:
-            self._finish = StepLedger.of(optimizer).subscribe(after=self._end)  # runs after all others
 
     def _end(self, optimizer: torch.optim.Optimizer) -> None:
         for p, low_dtype, grad, _ in self._active:
@@ -241,9 +238,6 @@ class CompensatedUpdate:
             p.data = low
             p.grad = grad
         self._active = []
-        if self._finish is not None:
-            self._finish.remove()
-            self._finish = None
 
     def _round(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if self.compensation == "stochastic":
