@@ -55,7 +55,9 @@ class SkipBookkeeping:
         self.skipped_steps, self.last_step_skipped = 0, False
         self._swapped = []
 
-    def _guard_schedulers(self, lr_scheduler_configs: list[Any]) -> None:
+    def _guard_schedulers(self, optimizers: list[Any], lr_scheduler_configs: list[Any]) -> None:
+        for opt in optimizers:
+            StepLedger.of(opt)  # count from the first step, even when nothing else subscribes
         if not self.hold_schedulers:
             return
         for config in lr_scheduler_configs:

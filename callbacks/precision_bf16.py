@@ -80,7 +80,7 @@ class PureBF16(SkipBookkeeping, HalfPrecision):
         self.updates = [CompensatedUpdate(opt, self.compensation, seed=self.seed) for opt in optimizers]
         if self._pending is not None:
             self._load_updates(self._pending)
-        self._guard_schedulers(lr_scheduler_configs)
+        self._guard_schedulers(optimizers, lr_scheduler_configs)
         return super().connect(model, optimizers, lr_scheduler_configs)
 
     def optimizer_step(

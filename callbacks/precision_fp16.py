@@ -79,7 +79,7 @@ class LossScaledMixedPrecision(SkipBookkeeping, MixedPrecision):
             self.device = device
         for opt in optimizers:
             check_scaler_optimizer(opt, type(self).__name__)
-        self._guard_schedulers(lr_scheduler_configs)
+        self._guard_schedulers(optimizers, lr_scheduler_configs)
         return super().connect(model, optimizers, lr_scheduler_configs)
 
     def teardown(self) -> None:

@@ -92,8 +92,8 @@ class Float8Training(SkipBookkeeping, MixedPrecision):
             reason = "no nn.Linear layer has both dimensions divisible by 16"
         if reason is not None:
             raise RuntimeError(
-                f"Float8Training cannot run: {reason}. Eligible Linear layers: {ok or 'none'}; "
-                f"ineligible (dimensions not divisible by 16): {refused or 'none'}"
+                f"Float8Training cannot run: {reason}. Eligible Linear layers: {', '.join(ok) or 'none'}; "
+                f"ineligible (dimensions not divisible by 16): {', '.join(refused) or 'none'}"
             )
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
@@ -106,7 +106,7 @@ class Float8Training(SkipBookkeeping, MixedPrecision):
         self.converted = sorted(n for n in names if wanted(module.get_submodule(n), n))
         for opt in optimizers:
             check_scaler_optimizer(opt, type(self).__name__)
-        self._guard_schedulers(lr_scheduler_configs)
+        self._guard_schedulers(optimizers, lr_scheduler_configs)
         return super().connect(model, optimizers, lr_scheduler_configs)
 
     def optimizer_step(
