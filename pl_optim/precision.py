@@ -16,8 +16,12 @@ bfloat16 with one of
 * ``"stochastic"`` (stochastic rounding): ``w_lo = SR(w')`` rounds up with probability equal to
   the discarded fraction, so ``E[w_lo] = w'`` and small updates survive on average. No buffer; a
   seeded ``torch.Generator`` per device (saved by :meth:`CompensatedUpdate.state_dict`; the same
-  seed on every DDP rank keeps replicas identical). Optimizer state is stored with SR as well.
+  seed on every DDP rank keeps replicas identical).
 * ``"none"``: round to nearest (the update is computed in float32, then lost if too small).
+
+Under ``"kahan"`` and ``"stochastic"`` the optimizer state is stored back with stochastic rounding
+(round-to-nearest freezes EMAs whose per-step change is below 2^-9 relative, such as Adam's second
+moment with β₂ = 0.999); under ``"none"`` to nearest.
 
 Parameters that are already float32 (e.g. the bit depths of self-compression) are left alone, so a
 model can mix dtypes. Because the compensation buffer lives in the optimizer state, checkpoints hold
@@ -234,10 +238,18 @@ class CompensatedUpdate:
                 low = self._round(full, low_dtype)
             for key, value in list(state.items()):
                 if key != STATE_KEY and _per_param(value, p) and value.dtype == torch.float32:
-                    state[key] = self._round(value, low_dtype)
+                    state[key] = self._round_state(value, low_dtype)
             p.data = low
             p.grad = grad
         self._active = []
+
+    def _round_state(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Optimizer state back to low precision: stochastically under both compensations (an EMA
+        such as Adam's ``v ← β₂v + (1−β₂)g²`` with ``1−β₂ < 2^-8`` is frozen by round-to-nearest in
+        bf16), to nearest under ``"none"``."""
+        if self.compensation != "none" and dtype == torch.bfloat16:
+            return stochastic_round(x, self.generator(x.device))
+        return x.to(dtype)
 
     def _round(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if self.compensation == "stochastic":
