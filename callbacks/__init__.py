@@ -11,7 +11,13 @@ from pl_optim.callbacks.decoupled_weight_decay import DecoupledWeightDecay
 from pl_optim.callbacks.lr_range_test import LRRangeTest
 from pl_optim.callbacks.one_cycle import OneCycle
 from pl_optim.callbacks.param_scheduler import ParamScheduler
-from pl_optim.callbacks.precision import PRECISIONS, Float8Training, LossScaledMixedPrecision, PureBF16, precision_plugin
+from pl_optim.callbacks.precision import (
+    PRECISIONS,
+    Float8Training,
+    LossScaledMixedPrecision,
+    PureBF16,
+    precision_plugin,
+)
 from pl_optim.callbacks.self_compression import SelfCompression
 
 __all__ = [

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
@@ -11,7 +11,7 @@ from lightning.pytorch.plugins import HalfPrecision
 from torch import nn
 
 from pl_optim import checks
-from pl_optim.callbacks._precision import SkipBookkeeping, lightning_module
+from pl_optim.callbacks._precision import SkipBookkeeping
 from pl_optim.compression.quantizer import ChannelQuantizer
 from pl_optim.precision import COMPENSATIONS, CompensatedUpdate, check_scaler_optimizer
 

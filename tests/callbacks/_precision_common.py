@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from lightning.pytorch import Callback
 
 from pl_optim.callbacks import precision_plugin
