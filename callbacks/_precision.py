@@ -86,8 +86,12 @@ class SkipBookkeeping:
         if trainer is not None:
             log_step_metrics(trainer, {"amp/skipped_steps": float(self.skipped_steps), **extra})
 
-    def _finite_step(self, optimizer: Any, model: Any, closure: Callable[[], Any], **kwargs: Any) -> Any:
-        """The ``optimizer_step`` of the plugins without a loss scaler: run the closure, then step
+    def teardown(self) -> None:
+        self._restore_schedulers()
+        super().teardown()  # type: ignore[misc]
+
+    def optimizer_step(self, optimizer: Any, model: Any, closure: Callable[[], Any], **kwargs: Any) -> Any:
+        """The ``optimizer_step`` of the plugins without a loss scaler (the fp16 one overrides it): run the closure, then step
         unless a gradient is non-finite (a NaN/inf loss skips the step like a scaler would)."""
         check_scaler_optimizer(optimizer, type(self).__name__)
         model = lightning_module(model)

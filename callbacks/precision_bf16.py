@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningModule
 from lightning.pytorch.plugins import HalfPrecision
 from torch import nn
 
@@ -83,18 +82,12 @@ class PureBF16(SkipBookkeeping, HalfPrecision):
         self._guard_schedulers(optimizers, lr_scheduler_configs)
         return super().connect(model, optimizers, lr_scheduler_configs)
 
-    def optimizer_step(
-        self, optimizer: Any, model: LightningModule, closure: Callable[[], Any], **kwargs: Any
-    ) -> Any:
-        return self._finite_step(optimizer, model, closure, **kwargs)
-
     def _detach(self) -> None:
         for update in self.updates:
             update.detach()
         self.updates = []
 
     def teardown(self) -> None:
-        self._restore_schedulers()
         self._detach()
         super().teardown()
 

@@ -83,10 +83,6 @@ class LossScaledMixedPrecision(SkipBookkeeping, MixedPrecision):
         self._guard_schedulers(optimizers, lr_scheduler_configs)
         return super().connect(model, optimizers, lr_scheduler_configs)
 
-    def teardown(self) -> None:
-        self._restore_schedulers()
-        super().teardown()
-
     # -- the step ------------------------------------------------------------------------------
     def optimizer_step(
         self, optimizer: Any, model: LightningModule, closure: Callable[[], Any], **kwargs: Any

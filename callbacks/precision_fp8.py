@@ -7,7 +7,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningModule
 from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 
@@ -108,15 +107,6 @@ class Float8Training(SkipBookkeeping, MixedPrecision):
             check_scaler_optimizer(opt, type(self).__name__)
         self._guard_schedulers(optimizers, lr_scheduler_configs)
         return super().connect(model, optimizers, lr_scheduler_configs)
-
-    def optimizer_step(
-        self, optimizer: Any, model: LightningModule, closure: Callable[[], Any], **kwargs: Any
-    ) -> Any:
-        return self._finite_step(optimizer, model, closure, **kwargs)
-
-    def teardown(self) -> None:
-        self._restore_schedulers()
-        super().teardown()
 
     def state_dict(self) -> dict[str, Any]:
         return self._bookkeeping_state()
