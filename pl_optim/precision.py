@@ -4,9 +4,9 @@ rounding, non-finite-gradient skips and loss-scaler bookkeeping (pure torch, no 
 **The problem.** With parameters stored in bfloat16 (8 significant bits), an update ``Δ`` with
 ``|Δ| < ulp(w)/2`` rounds back to ``w``: small learning rates (the long tail of 1cycle) and
 decoupled decay ``lr·λ·w`` stop acting. **The fix** (for any optimizer): around every step that
-counts (the :class:`~pl_optim.steps.StepLedger` rules) the low-precision parameter, its gradient and
-its per-parameter optimizer state (every state tensor shaped like the parameter) are viewed in
-float32, the optimizer runs unchanged in float32, and the float32 result ``w'`` is stored back in
+counts (the :class:`~pl_optim.steps.StepLedger` rules) the optimizer's param groups hold a float32
+stand-in for each low-precision parameter (its value, gradient and per-parameter optimizer state,
+i.e. every state tensor shaped like it, in float32), the optimizer runs unchanged in float32, and the float32 result ``w'`` is stored back in
 bfloat16 with one of
 
 * ``"kahan"`` (Kahan summation): the stored value is ``w_lo = bf16(w' )`` and the rounding error
@@ -45,6 +45,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+from torch import nn
 
 from pl_optim.checks import integer, one_of
 from pl_optim.steps import StepLedger, check_optimizers
@@ -172,7 +173,8 @@ class CompensatedUpdate:
         check_scaler_optimizer(optimizer, "CompensatedUpdate")
         self._generators: dict[str, torch.Generator] = {}
         self._pending_states: dict[str, torch.Tensor] = {}
-        self._active: list[tuple[torch.Tensor, torch.dtype, torch.Tensor | None, list[Any]]] = []
+        self._active: list[tuple[dict, int, torch.Tensor, nn.Parameter]] = []
+        self._shadows: dict[torch.Tensor, nn.Parameter] = {}
         self._handle = None
         if attach:
             self.attach()
@@ -203,44 +205,58 @@ class CompensatedUpdate:
         return gen
 
     # -- the two halves of a step ----------------------------------------------------------------
+    def _shadow_of(self, p: torch.Tensor) -> nn.Parameter:
+        shadow = self._shadows.get(p)
+        if shadow is None:
+            shadow = nn.Parameter(torch.empty(0), requires_grad=p.requires_grad)
+            shadow._pl_optim_shadow_of = p  # type: ignore[attr-defined]  (see original_param)
+            self._shadows[p] = shadow
+        return shadow
+
     def _begin(self, optimizer: torch.optim.Optimizer) -> None:
         if self._active:  # a previous step raised between begin and end: store it back first
             self._end(optimizer)
         for group in optimizer.param_groups:
-            for p in group["params"]:
+            params = group["params"]
+            for i, p in enumerate(params):
                 if p.grad is None or p.dtype not in LOW_PRECISION:
                     continue
                 if self.compensation == "stochastic" and p.dtype != torch.bfloat16:
                     raise TypeError(f"compensation='stochastic' rounds to bfloat16; a parameter is {p.dtype}")
-                low_dtype, grad = p.dtype, p.grad
                 full = p.detach().float()
-                state = optimizer.state.get(p, {})
+                state = optimizer.state.pop(p, {})
                 comp = state.get(STATE_KEY)
                 if self.compensation == "kahan" and comp is not None and comp.shape == full.shape:
                     full.add_(comp)
-                upcast = []
                 for key, value in state.items():
-                    if key != STATE_KEY and _per_param(value, p) and value.dtype == low_dtype:
+                    if key != STATE_KEY and _per_param(value, p) and value.dtype == p.dtype:
                         state[key] = value.float()
-                        upcast.append(key)
-                p.data = full
-                p.grad = grad.float()
-                self._active.append((p, low_dtype, grad, upcast))
+                shadow = self._shadow_of(p)
+                shadow.data, shadow.grad = full, p.grad.float()
+                if state:
+                    optimizer.state[shadow] = state
+                params[i] = shadow
+                self._active.append((group, i, p, shadow))
 
     def _end(self, optimizer: torch.optim.Optimizer) -> None:
-        for p, low_dtype, grad, _ in self._active:
-            full = p.detach()
-            state = optimizer.state[p]
+        for group, i, p, shadow in self._active:
+            full = shadow.detach()
+            state = optimizer.state.pop(shadow, {})
             if self.compensation == "kahan":
-                low, comp = kahan_split(full, low_dtype)
+                low, comp = kahan_split(full, p.dtype)
                 state[STATE_KEY] = comp
             else:
-                low = self._round(full, low_dtype)
+                low = self._round(full, p.dtype)
             for key, value in list(state.items()):
                 if key != STATE_KEY and _per_param(value, p) and value.dtype == torch.float32:
-                    state[key] = self._round_state(value, low_dtype)
-            p.data = low
-            p.grad = grad
+                    state[key] = self._round_state(value, p.dtype)
+            with torch.no_grad():
+                p.copy_(low)  # in place: the parameter keeps its storage, dtype and autograd hooks (DDP's)
+            if state:
+                optimizer.state[p] = state
+            if group["params"][i] is shadow:
+                group["params"][i] = p
+            shadow.data, shadow.grad = torch.empty(0), None  # free the fp32 view
         self._active = []
 
     def _round_state(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -268,6 +284,14 @@ class CompensatedUpdate:
         for key, gen in self._generators.items():
             if key in self._pending_states:
                 gen.set_state(self._pending_states.pop(key))
+
+
+def original_param(p: torch.Tensor) -> torch.Tensor:
+    """The model parameter behind ``p``: during a compensated step the optimizer's param groups
+    hold float32 stand-ins (so the model's parameters keep their dtype, storage and autograd hooks,
+    which DDP's gradient reducer needs); code that identifies parameters (by name or ``id``) inside
+    ``before`` hooks maps them back with this."""
+    return getattr(p, "_pl_optim_shadow_of", p)
 
 
 def _per_param(value: object, p: torch.Tensor) -> bool:

@@ -33,6 +33,7 @@ import torch
 
 from pl_optim import checks
 from pl_optim.checks import non_negative
+from pl_optim.precision import original_param
 from pl_optim.steps import StepLedger, _Subscription, check_optimizers
 
 Mode = Literal["lr", "lr_ratio", "constant", "l2"]
@@ -283,7 +284,7 @@ class DecoupledDecay:
             group["weight_decay"] = lam
 
     def _should_decay(self, p: torch.Tensor) -> bool:
-        key = id(p)
+        key = id(original_param(p))  # inside a compensated bf16 step: the float32 stand-in's parameter
         if key not in self._decays:
             self._decays[key] = not self._exclude(self._names.get(key, ""), p)
         return self._decays[key]

@@ -156,6 +156,21 @@ def test_decoupled_decay_acts_on_the_float32_view():
     assert shrink("kahan") == pytest.approx(1 - (1 - 1e-4) ** 100, rel=0.02)
 
 
+def test_decay_exclude_names_still_apply_inside_the_compensated_step():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)).to(torch.bfloat16)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    CompensatedUpdate(opt, "kahan")
+    DecoupledDecay(opt, weight_decay=0.5, exclude="1.weight", named_parameters=model.named_parameters()).attach()
+    before = [p.detach().clone() for p in model.parameters()]
+    for _ in range(20):
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        opt.step()
+    assert model[1].weight.dtype == torch.bfloat16
+    assert torch.equal(model[1].weight.detach(), before[2])  # excluded by name: untouched
+    assert not torch.equal(model[0].weight.detach(), before[0])  # decayed (lr*wd = 5e-4 per step, compensated)
+
+
 def test_nonfinite_gradients_skip_and_report():
     w = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
     opt = torch.optim.SGD([w], lr=0.1)
