@@ -33,10 +33,10 @@ Example::
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     comp = CompensatedUpdate(opt, compensation="kahan")   # subscribe before other step hooks
     for x, y in batches:
+        opt.zero_grad()
         loss = F.cross_entropy(model(x.bfloat16()), y)
         loss.backward()
         guarded_step(opt)            # skips (and reports to the ledger) non-finite gradients
-        opt.zero_grad()
 """
 
 from __future__ import annotations

@@ -13,6 +13,8 @@ print(f"GPU: {torch.cuda.get_device_name()} capability {cap[0]}.{cap[1]} (fp8 ne
 PY
 # GPU tests (they are skipped with a reason on CPU; here they must run: -rs lists any skip)
 WANDB_MODE=offline "$PY" -m pytest -q -rs tests/callbacks/test_precision.py -k "cuda or gpu or fp8"
+# FSDP (Lightning refuses it on CPU): optimizer-level callbacks on 2 GPUs (skipped with 1 GPU)
+WANDB_MODE=offline "$PY" -m pytest -q -rs tests/callbacks/test_precision_fsdp.py
 # the doc blocks marked ```python gpu run through the doc-snippet test when it exists
 if [ -f tests/test_doc_snippets.py ]; then WANDB_MODE=offline "$PY" -m pytest -q -rs tests/test_doc_snippets.py; fi
 # benchmark (CPU figures; run on the GPU box for comparison)
