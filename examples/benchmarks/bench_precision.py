@@ -13,8 +13,8 @@ Three measurements, printed (a benchmark, not a test):
    with each compensation (tensors measured with :func:`pl_optim.precision.held_bytes`).
 3. **Overhead** (Lightning, CPU, 1 thread): step time of ``LossScaledMixedPrecision("cpu")`` ÷
    Lightning's ``MixedPrecision("16-mixed", "cpu", scaler=GradScaler("cpu"))``, and
-   ``PureBF16("kahan"/"stochastic")`` ÷ ``HalfPrecision("bf16-true")``; runs interleaved, median
-   of ``--reps`` (min-max printed).
+   ``PureBF16("kahan"/"stochastic")`` ÷ ``HalfPrecision("bf16-true")``; per run the median batch
+   time, runs interleaved, median over ``--reps`` runs (per-run ratio range printed).
 
 Usage::
 
@@ -86,12 +86,20 @@ def lightning_step_times(reps: int, steps: int = 30) -> dict[str, list[float]]:
     from pl_optim.callbacks import LossScaledMixedPrecision, PureBF16
 
     class Timer(pl.Callback):
+        """Median duration of a training batch (forward, backward, step), after 5 warm-up batches;
+        the median of a run's batches resists the load spikes of a shared machine."""
+
+        def __init__(self):
+            self.durations = []
+
         def on_train_batch_start(self, trainer, *args):
-            if trainer.global_step == 5:
-                self.t0 = time.perf_counter()
+            self.t0 = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, *args):
+            self.durations.append(time.perf_counter() - self.t0)
 
         def on_train_end(self, trainer, *args):
-            self.per_step = (time.perf_counter() - self.t0) / (trainer.global_step - 5)
+            self.per_step = statistics.median(self.durations[5:])
 
     plugins = {
         "lightning-16-mixed": lambda: MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu")),
@@ -109,7 +117,7 @@ def lightning_step_times(reps: int, steps: int = 30) -> dict[str, list[float]]:
             trainer = pl.Trainer(accelerator="cpu", max_steps=steps + 5, logger=False, enable_progress_bar=False,
                                  enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
                                  plugins=[make()], callbacks=[timer])
-            trainer.fit(TinyClassifier(features=256, hidden=512, num_classes=10), datamodule=data)
+            trainer.fit(TinyClassifier(features=256, hidden=1024, num_classes=10), datamodule=data)
             times[name].append(timer.per_step)
     return times
 
@@ -137,7 +145,8 @@ def main() -> None:
     for name, b in memory().items():
         print(f"   {name:16s} {b:.2f}")
 
-    print(f"3. Lightning step time on CPU (MLP 256-512-10, batch 64, 30 steps, median of {args.reps})")
+    print(f"3. Lightning batch time on CPU (MLP 256-1024-10, batch 64; per run the median of 30 batches; "
+          f"median over {args.reps} interleaved runs)")
     times = lightning_step_times(args.reps)
     med = {k: statistics.median(v) for k, v in times.items()}
     for k, v in times.items():

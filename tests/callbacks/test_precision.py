@@ -216,3 +216,13 @@ def test_fp16_on_cuda_skips_like_on_cpu(tmp_path):
     trainer.fit(OneCycleLRModule(total=6), datamodule=RandomClassificationData())
     assert trainer.precision_plugin.device == "cuda" and trainer.global_step == 6
     assert StepLedger.of(trainer.optimizers[0]).skipped == 1
+
+
+def test_fp8_refuses_an_old_gpu_naming_it(monkeypatch):
+    from pl_optim.callbacks.precision_fp8 import eligible_linears, fp8_support
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    reason = fp8_support(torch.device("cuda", 0))
+    assert reason == "fp8 training needs compute capability >= 8.9; NVIDIA A100 (cuda:0) has 8.0"
+    assert eligible_linears(TinyClassifier(features=32, hidden=64, num_classes=3).net) == (["0"], ["2 [3 x 64]"])
