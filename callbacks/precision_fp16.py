@@ -100,6 +100,15 @@ class LossScaledMixedPrecision(SkipBookkeeping, MixedPrecision):
         self._record(model, optimizer, skipped, {"amp/loss_scale": float(self.scaler.get_scale())})
         return out if not skipped else closure_result
 
+    def clip_gradients(self, optimizer: Any, clip_val: float = 0.0, gradient_clip_algorithm: Any = None) -> None:
+        """Clip the (already unscaled) gradients; unlike ``MixedPrecision`` this also works for
+        fused optimizers, because they are unscaled explicitly before clipping here."""
+        from lightning.pytorch.plugins.precision import Precision
+        from lightning.pytorch.utilities import GradClipAlgorithmType
+
+        algorithm = GradClipAlgorithmType.NORM if gradient_clip_algorithm is None else gradient_clip_algorithm
+        Precision.clip_gradients(self, optimizer, clip_val=clip_val, gradient_clip_algorithm=algorithm)
+
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"scaler": self.scaler.state_dict(), **self._bookkeeping_state()}

@@ -81,15 +81,25 @@ def test_hold_schedulers_opt_out_steps_on_skips(trainer_kwargs):
     assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 9  # 8 real steps + 1 skipped
 
 
-def test_fused_adam_skips_without_being_called(trainer_kwargs):
-    trainer = pl.Trainer(max_steps=6, limit_val_batches=0, plugins=[LossScaledMixedPrecision("cpu")],
-                         callbacks=[InjectInfGrad([1])], **trainer_kwargs)
+def test_fused_adam_skips_without_being_called_and_clips(trainer_kwargs):
+    norms = []
+
+    class Norm(pl.Callback):  # at batch end the gradients are the unscaled, clipped ones the step used
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+            if grads:
+                norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+
+    trainer = pl.Trainer(max_steps=6, limit_val_batches=0, plugins=[LossScaledMixedPrecision("cpu")], gradient_clip_val=1e-3,
+                         callbacks=[InjectInfGrad([1]), Norm()], **trainer_kwargs)
     model = OneCycleLRModule(total=6, fused=True)
     trainer.fit(model, datamodule=RandomClassificationData())
     ledger = StepLedger.of(trainer.optimizers[0])
     assert (ledger.steps, ledger.skipped) == (6, 1)
     assert int(trainer.optimizers[0].state[next(model.parameters())]["step"]) == 6
     assert all(torch.isfinite(p).all() for p in model.parameters())
+    finite = [n for n in norms if n == n and n != float("inf")]
+    assert finite and max(finite) <= 1e-3 * 1.01  # unscaled, then clipped (MixedPrecision refuses fused + clipping)
 
 
 def test_scaler_state_resumes_exactly(trainer_kwargs, tmp_path):
