@@ -2,7 +2,8 @@
 
 * a skipped step (GradScaler inf/NaN, non-finite gradients) is reported to the optimizer's
   :class:`~pl_optim.steps.StepLedger` (``note_skipped``), so no pl_optim callback advances;
-* it is published: ``amp/skipped_steps`` and ``amp/loss_scale`` (fp16) go to every logger and to
+* it is published: ``amp/skipped_steps``, ``amp/last_step_skipped`` and ``amp/loss_scale`` (fp16)
+  go to every logger and to
   ``trainer.callback_metrics``; the plugin keeps ``skipped_steps`` / ``last_step_skipped``;
 * torch LR schedulers from ``configure_optimizers`` with ``interval="step"`` do not step after a
   skipped step (their class is swapped for a subclass whose ``step`` asks the ledger; restored at
@@ -84,7 +85,8 @@ class SkipBookkeeping:
             if trainer is not None:
                 _uncount_step(trainer, model)
         if trainer is not None:
-            log_step_metrics(trainer, {"amp/skipped_steps": float(self.skipped_steps), **extra})
+            metrics = {"amp/skipped_steps": float(self.skipped_steps), "amp/last_step_skipped": float(skipped)}
+            log_step_metrics(trainer, {**metrics, **extra})
 
     def teardown(self) -> None:
         self._restore_schedulers()

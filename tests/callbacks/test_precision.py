@@ -68,6 +68,8 @@ def test_skipped_steps_hold_torch_scheduler_global_step_and_are_published(traine
     assert float(trainer.callback_metrics["amp/skipped_steps"]) == 2.0
     skipped_logged = [r["amp/skipped_steps"] for r in logger.rows if "amp/skipped_steps" in r]
     assert skipped_logged[-1] == 2.0 and skipped_logged[0] == 0.0
+    last = [r["amp/last_step_skipped"] for r in logger.rows if "amp/last_step_skipped" in r]
+    assert last == [0.0, 0.0, 1.0, 0.0, 0.0, 1.0] + [0.0] * 6  # batches 2 and 5 skipped
     if name == "fp16":
         scales = [r["amp/loss_scale"] for r in logger.rows if "amp/loss_scale" in r]
         assert scales[0] == 2.0**16 and scales[-1] == 2.0**14  # halved on each skip
