@@ -8,17 +8,23 @@ from pl_optim.callbacks._base import StepHookCallback
 from pl_optim.callbacks._channel_removal import load_compressed
 from pl_optim.callbacks.amsgrad_toggle import AMSGradToggle
 from pl_optim.callbacks.decoupled_weight_decay import DecoupledWeightDecay
+from pl_optim.callbacks.data_preview import DataPreview
 from pl_optim.callbacks.lr_range_test import LRRangeTest
 from pl_optim.callbacks.one_cycle import OneCycle
 from pl_optim.callbacks.param_scheduler import ParamScheduler
+from pl_optim.callbacks.prediction_dynamics import PredictionDynamics
+from pl_optim.callbacks.recipe_checks import RecipeChecks
 from pl_optim.callbacks.self_compression import SelfCompression
 
 __all__ = [
     "AMSGradToggle",
+    "DataPreview",
     "DecoupledWeightDecay",
     "LRRangeTest",
     "OneCycle",
     "ParamScheduler",
+    "PredictionDynamics",
+    "RecipeChecks",
     "SelfCompression",
     "StepHookCallback",
     "load_compressed",

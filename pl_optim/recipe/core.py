@@ -96,8 +96,40 @@ def prepare(
                     checks.integer("seed", seed), user_optimizer)
 
 
+class _ArgumentsOnly(Exception):
+    """Raised by :func:`_prepared` for :data:`_ARGUMENTS_ONLY`: the check's arguments were valid."""
+
+
+_ARGUMENTS_ONLY = object()
+_COMMON = ("task", "input_key", "target_key", "forward", "context", "seed", "user_optimizer")
+
+
 def _prepared(model: nn.Module | Prepared, batch: Any, loss: Any, common: Mapping[str, Any]) -> Prepared:
+    # Every check validates its own arguments first, then calls this: validate_options stops here.
+    if model is _ARGUMENTS_ONLY:
+        raise _ArgumentsOnly
     return model if isinstance(model, Prepared) else prepare(model, batch, loss, **common)
+
+
+def validate_options(options: Mapping[str, Mapping[str, Any]]) -> None:
+    """Check ``options`` (check name -> keyword arguments) without running anything.
+
+    Raises:
+        ValueError: an unknown check, an unknown keyword, or a bad value (the check's own message).
+    """
+    import inspect
+
+    for name, kwargs in options.items():
+        if name not in CHECKS:
+            raise ValueError(f"unknown recipe check {name!r}; available: {list(CHECKS)}")
+        own = [k for k in inspect.signature(CHECKS[name]).parameters if k not in ("model", "batch", "loss", "common")]
+        bad = [k for k in kwargs if k not in own]
+        if bad:
+            raise ValueError(f"`options[{name!r}]` has unknown keys {bad}; {name} takes {own}")
+        try:
+            CHECKS[name](_ARGUMENTS_ONLY, **kwargs)
+        except _ArgumentsOnly:
+            pass
 
 
 # -- init loss -------------------------------------------------------------------------------------
@@ -580,8 +612,8 @@ def run_recipe(
         a :class:`RecipeReport`.
 
     Raises:
-        ValueError: an unknown check name or option, or a batch/loss it cannot interpret — before
-            any check runs.
+        ValueError: an unknown check name or option, a bad option value, or a batch/loss it cannot
+            interpret — before any check runs.
 
     Example::
 
@@ -593,6 +625,7 @@ def run_recipe(
     unknown = [n for n in names if n not in CHECKS] + [n for n in (options or {}) if n not in CHECKS]
     if unknown:
         raise ValueError(f"unknown recipe check(s) {unknown}; available: {list(CHECKS)}")
+    validate_options(options or {})
     p = prepare(model, batch, loss, **common)
     report = RecipeReport()
     for name in names:
