@@ -7,8 +7,8 @@ pure-torch functions of :mod:`pl_optim`.
 from pl_optim.callbacks._base import StepHookCallback
 from pl_optim.callbacks._channel_removal import load_compressed
 from pl_optim.callbacks.amsgrad_toggle import AMSGradToggle
-from pl_optim.callbacks.decoupled_weight_decay import DecoupledWeightDecay
 from pl_optim.callbacks.data_preview import DataPreview
+from pl_optim.callbacks.decoupled_weight_decay import DecoupledWeightDecay
 from pl_optim.callbacks.lr_range_test import LRRangeTest
 from pl_optim.callbacks.one_cycle import OneCycle
 from pl_optim.callbacks.param_scheduler import ParamScheduler

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
 
 from pl_optim import checks
 from pl_optim.callbacks.data_preview import output_path
@@ -90,6 +91,11 @@ class PredictionDynamics(Callback):
         path = save_prediction_dynamics(self.history, self.epochs, output_path(trainer, self.dirpath, "prediction_dynamics.png"), ylabel)
         if path is not None and path not in self.saved:
             self.saved.append(path)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.saved:
+            rank_zero_info(f"PredictionDynamics: {len(self.epochs)} epoch(s) on {self.num_samples} fixed samples; "
+                           f"PNGs in {self.saved[-1].parent}")
 
     def state_dict(self) -> dict[str, Any]:
         return {"epochs": list(self.epochs), "history": [list(h) for h in self.history]}

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger, Logger
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from examples.models import DigitsConvNet
 from examples.tiny import RandomClassificationData, TinyClassifier, TinyConvNet
@@ -223,3 +223,14 @@ def test_ddp_every_rank_checks_and_training_stays_in_sync(trainer_kwargs, tmp_pa
     assert r0["zero"] and not r1["zero"]
     assert r0["statuses"] == r1["statuses"] == ["pass", "pass", "pass"]
     assert r0["weight_sum"] == r1["weight_sum"]  # the checks did not desynchronise the ranks
+
+
+def test_demo_config_prints_a_checklist(tmp_path, caplog):
+    from examples.cli import main
+
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero"):
+        main(["fit", "--config", "examples/configs/digits_recipe.yaml", "--trainer.max_epochs=1",
+              f"--trainer.default_root_dir={tmp_path}"])
+    assert "7 passed, 0 warned, 0 failed, 0 skipped" in caplog.text
+    assert (tmp_path / "recipe" / "data_preview.png").exists()
+    assert (tmp_path / "recipe" / "prediction_dynamics.png").exists()
