@@ -91,8 +91,11 @@ class RecipeChecks(Callback):
 
     def run(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> RecipeReport:
         """Check ``batch`` now; print, log, and raise if asked (see the class docstring)."""
+        options = dict(self.options)
+        if "gradient_flow" in self.checks:  # a parameter is trained when any optimizer has it
+            options["gradient_flow"] = {"user_optimizer": list(trainer.optimizers), **options.get("gradient_flow", {})}
         report = run_recipe(
-            pl_module, batch, self.loss, checks_to_run=self.checks, options=self.options, task=self.task,
+            pl_module, batch, self.loss, checks_to_run=self.checks, options=options, task=self.task,
             input_key=self.input_key, target_key=self.target_key, seed=self.seed,
             context=trainer.precision_plugin.train_step_context,
             user_optimizer=trainer.optimizers[0] if trainer.optimizers else None,

@@ -469,7 +469,8 @@ def check_batch_independence(model: nn.Module | Prepared, batch: Any = None, los
 
 # -- gradient flow ---------------------------------------------------------------------------------
 def check_gradient_flow(model: nn.Module | Prepared, batch: Any = None, loss: Any = "cross_entropy",
-                        allow_frozen: Sequence[str] = (), user_optimizer: torch.optim.Optimizer | None = None,
+                        allow_frozen: Sequence[str] = (),
+                        user_optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
                         **common: Any) -> CheckResult:
     """Every parameter that should train gets a gradient: one backward on a clone, then lists
     the parameters that are frozen (``requires_grad=False``, unless they match a pattern of
@@ -478,7 +479,7 @@ def check_gradient_flow(model: nn.Module | Prepared, batch: Any = None, loss: An
 
     Args:
         allow_frozen: fnmatch patterns of parameter names that are frozen on purpose (``"backbone.*"``).
-        user_optimizer: the optimizer that will train the model (to find parameters it misses).
+        user_optimizer: the optimizer(s) that will train the model (to find parameters none of them has).
 
     Raises:
         ValueError: a batch/loss it cannot interpret.
@@ -486,7 +487,8 @@ def check_gradient_flow(model: nn.Module | Prepared, batch: Any = None, loss: An
     patterns = [allow_frozen] if isinstance(allow_frozen, str) else list(allow_frozen)
     p = _prepared(model, batch, loss, common)
     user_optimizer = user_optimizer or p.user_optimizer
-    in_opt = {id(q) for g in user_optimizer.param_groups for q in g["params"]} if user_optimizer else None
+    optimizers = [user_optimizer] if isinstance(user_optimizer, torch.optim.Optimizer) else list(user_optimizer or [])
+    in_opt = {id(q) for o in optimizers for g in o.param_groups for q in g["params"]} if optimizers else None
     with isolated(p.model, p.seed):
         clone = p.clone()
         with p.context():

@@ -234,3 +234,29 @@ def test_demo_config_prints_a_checklist(tmp_path, caplog):
     assert "7 passed, 0 warned, 0 failed, 0 skipped" in caplog.text
     assert (tmp_path / "recipe" / "data_preview.png").exists()
     assert (tmp_path / "recipe" / "prediction_dynamics.png").exists()
+
+
+class TwoOptimizers(TinyConvNet):
+    """Head and body with their own optimizers (manual optimization): no parameter is missing."""
+
+    def __init__(self) -> None:
+        super().__init__(num_classes=3)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        for opt in self.optimizers():
+            opt.zero_grad()
+        self.manual_backward(loss)
+        for opt in self.optimizers():
+            opt.step()
+
+    def configure_optimizers(self):
+        return [torch.optim.Adam(self.net[:-1].parameters()), torch.optim.SGD(self.net[-1].parameters(), lr=0.1)]
+
+
+def test_gradient_flow_counts_every_optimizer(trainer_kwargs):
+    cb = RecipeChecks(checks=["gradient_flow"])
+    fit(trainer_kwargs, [cb], TwoOptimizers(), max_steps=2)
+    assert cb.report["gradient_flow"].status == "pass", cb.report.table()
