@@ -70,7 +70,7 @@ class RecipeChecks(Callback):
     ) -> None:
         resolve_loss(loss, task)  # unknown loss / task: fail now, not at fit start
         names = list(CHECKS) if checks is None else list(checks)
-        unknown = [n for n in names if n not in CHECKS] + [n for n in (options or {}) if n not in CHECKS]
+        unknown = [n for n in names if n not in CHECKS]
         if unknown or not names:
             raise ValueError(f"`checks` must name recipe checks among {list(CHECKS)}, got {unknown or names!r}")
         options = {k: dict(v) for k, v in (options or {}).items()}

@@ -176,6 +176,7 @@ def test_a_batch_without_tensor_inputs_is_refused_clearly(trainer_kwargs):
         (RecipeChecks, {"loss": lambda o, t: o.sum()}, r"cannot tell which task the loss '<lambda>'"),
         (RecipeChecks, {"checks": ["overfit"]}, r"`checks` must name recipe checks among .*got \['overfit'\]"),
         (RecipeChecks, {"checks": []}, r"`checks` must name recipe checks among .*got \[\]"),
+        (RecipeChecks, {"options": {"overfitt": {}}}, r"unknown recipe check 'overfitt'; available: \['init_loss'"),
         (RecipeChecks, {"options": {"overfit_batch": {"threshold": 0}}}, r"`threshold` must be a positive finite number, got 0"),
         (RecipeChecks, {"options": {"init_loss": {"tolerance": -1.0}}}, r"`tolerance` must be a positive finite number, got -1.0"),
         (RecipeChecks, {"options": {"overfit_batch": {"stepz": 5}}}, r"`options\['overfit_batch'\]` has unknown keys \['stepz'\]"),
