@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from pl_optim import checks
@@ -65,5 +66,5 @@ class DataPreview(Callback):
         rank_zero_info(f"DataPreview: {stats}; {kind}: {self.saved or 'not saved (matplotlib missing)'}")
         if self.saved is not None:
             for logger in trainer.loggers:
-                if type(logger).__name__ == "WandbLogger":
+                if isinstance(logger, WandbLogger):
                     logger.log_image(key="data_preview", images=[str(self.saved)])

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from pl_optim import checks as argcheck
@@ -115,5 +116,5 @@ class RecipeChecks(Callback):
     def _log(trainer: Trainer, report: RecipeReport) -> None:
         for logger in trainer.loggers:
             logger.log_metrics(report.metrics(), step=trainer.global_step)
-            if hasattr(logger, "log_table") and type(logger).__name__ == "WandbLogger":
+            if isinstance(logger, WandbLogger):
                 logger.log_table(key="recipe_checks", columns=list(COLUMNS), data=report.rows())

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from torch.utils.data import DataLoader
 
 from examples.models import DigitsConvNet
@@ -86,14 +87,17 @@ def test_prints_one_checklist_table_and_logs_every_value(trainer_kwargs, tmp_pat
     assert "recipe/init_loss" in header and "recipe/overfit_batch_status" in header
 
 
-class WandbLogger(Logger):
-    """Stands in for lightning's WandbLogger (same class name and ``log_table``/``log_image``)."""
+class RecordingWandb(WandbLogger):
+    """lightning's WandbLogger with the calls that would reach wandb recorded instead (no wandb run
+    is started: Trainer.setup touches ``logger.experiment``)."""
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__(offline=True)
         self.tables, self.images, self.metrics = [], [], []
 
-    name, version = "fake", 0
+    @property
+    def experiment(self):
+        return SimpleNamespace(id="recorded")
 
     def log_metrics(self, metrics, step=None):
         self.metrics.append(dict(metrics))
@@ -101,15 +105,15 @@ class WandbLogger(Logger):
     def log_hyperparams(self, params, *args, **kwargs):
         pass
 
-    def log_table(self, key, columns=None, data=None, **kwargs):
+    def log_table(self, key, columns=None, data=None, dataframe=None, step=None):
         self.tables.append((key, columns, data))
 
-    def log_image(self, key, images, **kwargs):
+    def log_image(self, key, images, step=None, **kwargs):
         self.images.append((key, images))
 
 
 def test_wandb_gets_a_table_and_the_data_preview(trainer_kwargs):
-    logger = WandbLogger()
+    logger = RecordingWandb()
     fit(trainer_kwargs, [RecipeChecks(options=TINY_OPTIONS), DataPreview()], logger=logger)
     (key, columns, rows), = logger.tables
     assert key == "recipe_checks" and columns == ["check", "status", "value", "expected", "fix to try"]
