@@ -9,6 +9,8 @@ from pl_optim.callbacks._channel_removal import load_compressed
 from pl_optim.callbacks.amsgrad_toggle import AMSGradToggle
 from pl_optim.callbacks.data_preview import DataPreview
 from pl_optim.callbacks.decoupled_weight_decay import DecoupledWeightDecay
+from pl_optim.callbacks.lottery_driver import TicketResult, TicketRun, find_ticket
+from pl_optim.callbacks.lottery_ticket import LotteryTicket
 from pl_optim.callbacks.lr_range_test import LRRangeTest
 from pl_optim.callbacks.one_cycle import OneCycle
 from pl_optim.callbacks.param_scheduler import ParamScheduler
@@ -30,6 +32,10 @@ __all__ = [
     "Float8Training",
     "LRRangeTest",
     "LossScaledMixedPrecision",
+    "LotteryTicket",
+    "TicketResult",
+    "TicketRun",
+    "find_ticket",
     "OneCycle",
     "PRECISIONS",
     "ParamScheduler",
