@@ -33,7 +33,14 @@ from lightning.pytorch.loggers import WandbLogger
 from pl_optim.callbacks.lottery_ticket import LotteryTicket, check_rewind_to
 from pl_optim.checks import boolean, fraction, integer, one_of
 from pl_optim.compression.surgery import apply_kept
-from pl_optim.lottery.masks import SCOPES, magnitude_masks, ones_masks, prunable_weights, random_masks, remaining
+from pl_optim.lottery.masks import (
+    SCOPES,
+    magnitude_masks,
+    ones_masks,
+    prunable_weights,
+    random_masks,
+    remaining,
+)
 from pl_optim.lottery.structured import NORMS, kept_from_lists, kept_to_lists, parameter_count, prune_channels
 
 CONTROLS: tuple[str, ...] = ("reinit", "random_masks")

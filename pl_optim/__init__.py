@@ -2,6 +2,7 @@
 (:mod:`pl_optim.callbacks`). Nothing in this package imports lightning."""
 
 from pl_optim.amsgrad import set_amsgrad
+from pl_optim.lottery import MaskSet, RewindPoint, export_ticket, magnitude_masks
 from pl_optim.lr_range_test import lr_range_test
 from pl_optim.schedules import one_cycle
 from pl_optim.steps import StepHooks, StepLedger
@@ -17,5 +18,9 @@ __all__ = [
     "StepLedger",
     "one_cycle",
     "lr_range_test",
+    "MaskSet",
+    "RewindPoint",
+    "export_ticket",
+    "magnitude_masks",
     "__version__",
 ]

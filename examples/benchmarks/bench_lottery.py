@@ -90,13 +90,16 @@ def _has(res, lv: int, kind: str) -> bool:
     return any(r["round"] == lv and r["kind"] == kind for r in res.runs)
 
 
+def _cell(row: dict, key: str) -> str:
+    return f"{100 * row[key][0]:7.2f} ± {100 * row[key][1]:5.2f}" if key in row else f"{'':>15}"
+
+
 def print_summary(name: str, s: dict, seeds: int) -> None:
     print(f"\n== {name}: val_acc over {seeds} seed(s), mean ± std ==")
     print(f"{'round':>5} {'% weights':>9} {'ticket':>16} {'reinit':>16} {'random masks':>16} {'ticket-reinit pp':>17}")
     for row in s["rows"]:
-        cell = lambda k: f"{100 * row[k][0]:7.2f} ± {100 * row[k][1]:5.2f}" if k in row else f"{'':>15}"  # noqa: E731
-        print(f"{row['round']:5d} {100 * row['remaining']:9.2f} {cell('ticket'):>16} {cell('reinit'):>16} "
-              f"{cell('random_masks'):>16} {cell('gap_reinit'):>17}")
+        print(f"{row['round']:5d} {100 * row['remaining']:9.2f} {_cell(row, 'ticket'):>16} {_cell(row, 'reinit'):>16} "
+              f"{_cell(row, 'random_masks'):>16} {_cell(row, 'gap_reinit'):>17}")
     w = s["smallest_within_0.5pp"]
     print(f"smallest % of weights with the ticket within 0.5 pp of dense ({100 * s['dense']:.2f}%): "
           f"{100 * w:.2f}% (goal <= 20%: {'MET' if w is not None and w <= 0.20 else 'NOT MET'})")

@@ -39,6 +39,7 @@ __all__ = [
     "ones_masks",
     "parameter_count",
     "prunable_weights",
+    "prune_channels",
     "random_masks",
     "reinitialize",
     "remaining",
