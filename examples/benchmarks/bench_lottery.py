@@ -33,6 +33,7 @@ from lightning.pytorch import Trainer
 
 from examples.benchmarks.bench_channel_removal import _inputs, latency
 from examples.data import DigitsDataModule
+from examples.lottery_digits import STYLES, plot_tickets
 from examples.models import DigitsConvNet, ResNet9
 from pl_optim.callbacks import find_ticket
 from pl_optim.lottery import export_ticket, parameter_count
@@ -136,26 +137,11 @@ def structured(name: str, args, dm: DigitsDataModule) -> dict:
     return out
 
 
-def plot(summaries: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(summaries), figsize=(5 * len(summaries), 3.6), squeeze=False)
-    for ax, (name, s) in zip(axes[0], summaries.items()):
-        for kind, style in (("ticket", "o-"), ("reinit", "s--"), ("random_masks", "^:")):
-            pts = [(100 * r["remaining"], 100 * r[kind][0], 100 * r[kind][1]) for r in s["rows"] if kind in r]
-            if pts:
-                x, y, e = zip(*pts)
-                ax.errorbar(x, y, yerr=e, fmt=style, label=kind, capsize=2)
-        ax.set_xscale("log")
-        ax.invert_xaxis()
-        ax.set_xlabel("% of weights remaining")
-        ax.set_ylabel("val accuracy (%)")
-        ax.set_title(name)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+def plot(summaries: dict, path: Path) -> Path:
+    """The paper's figure, mean ± std over seeds, one panel per net."""
+    return plot_tickets({name: {kind: [(100 * r["remaining"], 100 * r[kind][0], 100 * r[kind][1])
+                                       for r in s["rows"] if kind in r] for kind in STYLES}
+                         for name, s in summaries.items()}, path)
 
 
 def main(argv: list[str] | None = None) -> dict:
