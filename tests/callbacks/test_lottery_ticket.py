@@ -128,7 +128,6 @@ def uninterrupted(tmp_path_factory):
     ("round00-ticket", 6),   # after it
     ("round01-ticket", 5),
     ("round01-reinit", 4),
-    ("round02-ticket", 7),
 ])
 def test_kill_and_resume_gives_the_same_masks_and_weights(tmp_path, uninterrupted, run_name, at_step):
     killer = trainer_fn(lambda run: [Kill(at_step)] if run.name == run_name else [])
@@ -252,3 +251,57 @@ def test_structured_tickets_are_smaller_and_keep_optimizer_state_in_sync(tmp_pat
     full_avg = rewind["optimizer_states"][0]["state"][0]["exp_avg"]
     small_avg = next(s["exp_avg"] for s in first["state"].values() if s["exp_avg"].shape == first["weights"]["net.0.0.weight"].shape)
     assert torch.equal(small_avg, full_avg[out])
+
+
+def test_checkpoint_inside_a_round_resumes_with_its_masks_and_refuses_others(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    model = sgd_model()
+    masks = magnitude_masks({k: v.detach() for k, v in prunable_weights(model).items()}, 0.6)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1)
+    Trainer(max_steps=3, callbacks=[LotteryTicket(masks=masks), ckpt], **{**QUIET, "enable_checkpointing": True}
+            ).fit(model, data())
+    path = next(tmp_path.glob("*.ckpt"))
+    probe = Probe(masks)
+    resumed = LotteryTicket()  # masks from the checkpoint
+    Trainer(max_steps=6, callbacks=[resumed, probe], **QUIET).fit(sgd_model(), data(), ckpt_path=str(path))
+    assert all(torch.equal(resumed.holder.masks[k].cpu(), masks[k]) for k in masks) and max(probe.pruned_max) == 0.0
+    other = {k: torch.ones_like(m) for k, m in masks.items()}
+    with pytest.raises(ValueError, match="masks differ from the `masks` given"):
+        Trainer(max_steps=6, callbacks=[LotteryTicket(masks=other)], **QUIET).fit(sgd_model(), data(), ckpt_path=str(path))
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_gives_the_same_result(tmp_path, uninterrupted):
+    """A real SIGKILL of a child process running the search, right after round 0 finished (inside round 1)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.helpers import ROOT
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, __file__, str(tmp_path)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while not (tmp_path / "round00-ticket.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    _, err = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
+    assert not (tmp_path / "round02-ticket.pt").exists()  # killed inside round 1
+    res = find_ticket(sgd_model, trainer_fn(), data(), directory=tmp_path, **SEARCH)
+    assert all(torch.equal(res.masks[k], uninterrupted.masks[k]) for k in res.masks)
+    assert all(torch.equal(res.state_dict[k], uninterrupted.state_dict[k]) for k in res.state_dict)
+
+
+if __name__ == "__main__":  # the child of the SIGKILL test
+    import sys
+
+    from lightning.pytorch import seed_everything
+
+    torch.set_num_threads(1)
+    seed_everything(0, verbose=False)
+    find_ticket(sgd_model, trainer_fn(), data(), directory=sys.argv[1], **SEARCH)
