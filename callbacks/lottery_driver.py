@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer, seed_everything
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_warn
 
 from pl_optim.callbacks.lottery_ticket import LotteryTicket, check_rewind_to
 from pl_optim.checks import boolean, fraction, integer, one_of
@@ -212,6 +213,7 @@ def find_ticket(
     result = TicketResult()
     masks, kept = ones_masks(weights), {}
     previous: dict[str, Any] | None = None
+    result_steps: int | None = None
     for rnd in range(settings["rounds"] + 1):
         if previous is not None:  # prune the ticket trained in the previous round
             trained = model_fn()
@@ -242,6 +244,10 @@ def find_ticket(
                 if rnd == 0:  # before the first record: a record never exists without its settings
                     manifest.write_text(json.dumps(settings, indent=1))
                 _save(record, record_path)
+            if rnd > 0 and record.get("steps") != result_steps:
+                rank_zero_warn(f"find_ticket: {run.name} ended at optimizer step {record.get('steps')}, round 0 at "
+                               f"{result_steps}; `trainer_fn` should give every run the same length")
+            result_steps = record.get("steps") if rnd == 0 else result_steps
             result.runs.append({k: record[k] for k in ("round", "kind", "remaining", "params", "metrics")})
             if kind == "ticket":
                 previous = record
@@ -252,8 +258,20 @@ def find_ticket(
     return result
 
 
-def _train(model_fn, trainer_fn, datamodule, run: TicketRun, masks, kept, layers, exclude, rewind_step,
-           rewind_path: Path, full: int) -> dict[str, Any]:
+def _train(
+    model_fn: Callable[[], LightningModule],
+    trainer_fn: Callable[[TicketRun], Trainer],
+    datamodule: LightningDataModule | None,
+    run: TicketRun,
+    masks: dict[str, torch.Tensor] | None,
+    kept: dict[str, Any],
+    layers: str | Sequence[str] | None,
+    exclude: str | Sequence[str] | None,
+    rewind_step: int,
+    rewind_path: Path,
+    full: int,
+) -> dict[str, Any]:
+    """One fit of the search; returns its record."""
     seed_everything(run.seed, verbose=False)
     model = model_fn()  # the same initialisation every run (overwritten by the rewind point after round 0)
     seed_everything(run.seed, workers=True, verbose=False)
@@ -277,6 +295,7 @@ def _train(model_fn, trainer_fn, datamodule, run: TicketRun, masks, kept, layers
     return {
         "round": run.round,
         "kind": run.kind,
+        "steps": int(trainer.global_step),
         "remaining": (remaining(final_masks)["total"] if final_masks is not None
                       else sum(w.numel() for w in prunable_weights(model, layers, exclude).values()) / full),
         "params": parameter_count(model),

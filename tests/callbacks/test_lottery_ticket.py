@@ -271,6 +271,14 @@ def test_checkpoint_inside_a_round_resumes_with_its_masks_and_refuses_others(tmp
         Trainer(max_steps=6, callbacks=[LotteryTicket(masks=other)], **QUIET).fit(sgd_model(), data(), ckpt_path=str(path))
 
 
+def test_runs_of_different_length_warn(tmp_path):
+    def make(run):
+        return Trainer(max_epochs=1 if run.round == 0 else 2, **QUIET)
+
+    with pytest.warns(UserWarning, match="should give every run the same length"):
+        find_ticket(sgd_model, make, data(), rounds=1, controls=(), directory=tmp_path)
+
+
 @pytest.mark.slow
 def test_sigkill_and_resume_gives_the_same_result(tmp_path, uninterrupted):
     """A real SIGKILL of a child process running the search, right after round 0 finished (inside round 1)."""
