@@ -36,7 +36,7 @@ from examples.data import DigitsDataModule
 from examples.lottery_digits import STYLES, plot_tickets
 from examples.models import DigitsConvNet, ResNet9
 from pl_optim.callbacks import find_ticket
-from pl_optim.lottery import export_ticket, parameter_count
+from pl_optim.lottery import encoding_bytes, export_ticket, parameter_count
 
 NETS = {
     "digits": lambda lr: DigitsConvNet(lr=lr),
@@ -126,6 +126,7 @@ def structured(name: str, args, dm: DigitsDataModule) -> dict:
         for batch in (1, 32):
             t = latency({"ticket": ticket, "dense": dense}, _inputs(dm, batch), args.reps)
             out[f"lat{batch}"].append(statistics.median(t["ticket"]) / statistics.median(t["dense"]))
+    print(f"per seed: params {out['params']}, batch 1 {out['lat1']}, batch 32 {out['lat32']}")
     print(f"\n== {name} structured ({args.structured_rounds} rounds of {args.structured_fraction:.0%} channels), "
           f"{len(args.seeds)} seed(s) ==")
     for key, label in (("params", "% params ticket/dense"), ("lat1", "latency ratio batch 1"),
@@ -174,6 +175,11 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"\n{name} seed {seed}\n{res.table()}")
         summaries[name] = summarise(results)
         print_summary(name, summaries[name], len(args.seeds))
+        sizes = [encoding_bytes(export_ticket(res.ticket(lambda name=name: NETS[name](args.lr)), res.masks), res.masks)
+                 for res in results]
+        print("final ticket bytes (fp32) dense / CSR / bitmap per seed: " + "; ".join(
+            f"{z.dense} / {z.csr} / {z.bitmap} ({100 * z.density:.2f}% of parameters non-zero)" for z in sizes))
+        summaries[name]["bytes"] = [(z.dense, z.csr, z.bitmap) for z in sizes]
         report[name] = summaries[name]
         if args.structured_rounds > 0:
             report[f"{name}-structured"] = structured(name, args, dm)
