@@ -13,7 +13,18 @@ import pytest
 import torch
 
 from pl_optim import apply_weight_decay, checks, set_amsgrad
-from pl_optim.callbacks import AMSGradToggle, DecoupledWeightDecay, OneCycle, ParamScheduler, SelfCompression
+from pl_optim.callbacks import (
+    AMSGradToggle,
+    DecoupledWeightDecay,
+    LossScaledMixedPrecision,
+    LotteryTicket,
+    OneCycle,
+    ParamScheduler,
+    PureBF16,
+    SelfCompression,
+    find_ticket,
+)
+from pl_optim.plateau import Plateau
 from pl_optim.param_groups import GroupWriter
 from pl_optim.schedules import (
     Combined,
@@ -165,6 +176,27 @@ ROWS = [
     ("writer-field", lambda: GroupWriter(_sgd(), {"betas": C}), ValueError, "betas", "SGD"),
     ("writer-mult-len", lambda: GroupWriter(_sgd(), {"lr": C}, {"lr": [1.0, 2.0]}), ValueError, "multipliers['lr']", "[1.0, 2.0]"),
     ("writer-mult-nan", lambda: GroupWriter(_sgd(), {"lr": C}, {"lr": [NAN]}), ValueError, "multipliers['lr']", "nan"),
+    # --- precision plugins -----------------------------------------------------------------------
+    ("fp16-device", _call(LossScaledMixedPrecision, device="tpu"), ValueError, "device", "'tpu'"),
+    ("fp16-scale", _call(LossScaledMixedPrecision, init_scale=0.0), ValueError, "init_scale", "0.0"),
+    ("fp16-growth", _call(LossScaledMixedPrecision, growth_interval=0), ValueError, "growth_interval", "0"),
+    ("fp16-hold", _call(LossScaledMixedPrecision, hold_schedulers="yes"), ValueError, "hold_schedulers", "'yes'"),
+    ("bf16-comp", _call(PureBF16, compensation="kahn"), ValueError, "compensation", "'kahn'"),
+    ("bf16-seed", _call(PureBF16, seed=-1), ValueError, "seed", "-1"),
+    # --- reduce-on-plateau -------------------------------------------------------------------------
+    ("plateau-mode", _call(Plateau, mode="up"), ValueError, "mode", "'up'"),
+    ("plateau-factor", _call(Plateau, factor=1.0), ValueError, "factor", "1.0"),
+    ("plateau-patience", _call(Plateau, patience=-1), ValueError, "patience", "-1"),
+    ("plateau-threshold", _call(Plateau, threshold=-0.1), ValueError, "threshold", "-0.1"),
+    ("plateau-tmode", _call(Plateau, threshold_mode="relative"), ValueError, "threshold_mode", "'relative'"),
+    # --- lottery tickets ---------------------------------------------------------------------------
+    ("lt-rewind", _call(LotteryTicket, rewind_to="start"), ValueError, "rewind_to", "'start'"),
+    ("lt-rewind-neg", _call(LotteryTicket, rewind_to=-3), ValueError, "rewind_to", "-3"),
+    ("lt-round", _call(LotteryTicket, round_index=-1), ValueError, "round_index", "-1"),
+    ("ft-fraction", lambda: find_ticket(lambda: None, lambda run: None, prune_fraction=1.2), ValueError, "prune_fraction", "1.2"),
+    ("ft-fraction-0", lambda: find_ticket(lambda: None, lambda run: None, prune_fraction=0), ValueError, "prune_fraction", "0"),
+    ("ft-rounds", lambda: find_ticket(lambda: None, lambda run: None, rounds=0), ValueError, "rounds", "0"),
+    ("ft-scope", lambda: find_ticket(lambda: None, lambda run: None, scope="local"), ValueError, "scope", "'local'"),
     # --- the checks themselves -------------------------------------------------------------------
     ("checks-fraction", lambda: checks.fraction("p", 2), ValueError, "p", "2"),
     ("checks-integer", lambda: checks.integer("n", "3"), ValueError, "n", "'3'"),
