@@ -24,8 +24,8 @@ from pl_optim.callbacks import (
     SelfCompression,
     find_ticket,
 )
-from pl_optim.plateau import Plateau
 from pl_optim.param_groups import GroupWriter
+from pl_optim.plateau import Plateau
 from pl_optim.schedules import (
     Combined,
     Constant,
