@@ -8,10 +8,11 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import Metric
 
-from pl_optim.lr_range_test import SUGGESTIONS, RangeTestResult, check_range_args, lr_range_test
+from pl_optim.range_test import SUGGESTIONS, RangeTestResult, check_range_args, lr_range_test
+from pl_optim.report import Table
 
 
 class LRRangeTest(Callback):
@@ -22,7 +23,7 @@ class LRRangeTest(Callback):
 
     The lr of param group 0 goes exponentially from ``min_lr`` to ``max_lr`` over ``num_steps``
     batches (other groups keep their ratio to group 0); the bias-corrected smoothed loss stops the
-    sweep at divergence (see :func:`pl_optim.lr_range_test.lr_range_test`). The suggestion
+    sweep at divergence (see :func:`pl_optim.range_test.lr_range_test`). The suggestion
     (``result.suggestions()``, one lr per param group) feeds :class:`~pl_optim.callbacks.OneCycle`
     with ``OneCycle(max_lr="find")``. Under DDP each rank sweeps its own shard without gradient
     sync; rank 0's suggestion is broadcast. A resumed run does not sweep again. Each sweep step is
@@ -48,6 +49,10 @@ class LRRangeTest(Callback):
         trainer = Trainer(max_epochs=10, callbacks=[LRRangeTest(), OneCycle(max_lr="find")])
         trainer.fit(model, datamodule=dm)
         trainer.callbacks[0].suggested  # the max_lr OneCycle used, per param group
+        print(trainer.callbacks[0].report)  # the sweep as a table
+
+    A suggestion at or beyond the ends of the sweep (below ``min_lr``, or a loss still falling
+    at ``max_lr``) is warned about, saying which argument to change.
     """
 
     def __init__(
@@ -99,12 +104,21 @@ class LRRangeTest(Callback):
         if trainer.is_global_zero and self.plot_path is not None:
             path = Path(self.plot_path)
             self.saved_plot = self.result.plot(path if path.is_absolute() else Path(trainer.default_root_dir) / path, self.suggestion)
+        warning = self.result.warning(self.suggestion)
+        if warning:
+            rank_zero_warn(f"LRRangeTest: {warning}")
         rank_zero_info(
             f"LRRangeTest: {len(self.result.lrs)} steps up to lr {self.result.lrs[-1]:.3g}"
             f"{' (diverged)' if self.result.diverged else ''}; suggested lr per param group: "
             f"{[float(f'{v:.4g}') for v in self.suggested]}" + (f"; plot: {self.saved_plot}" if self.saved_plot else "")
         )
         return self.suggested
+
+    @property
+    def report(self) -> Table | None:
+        """The sweep (``step``, ``lr``, ``loss``, ``smoothed``) as a :class:`~pl_optim.report.Table`:
+        ``print`` it, ``to_dicts()``, ``to_pandas()``; ``None`` before the sweep (or after a resume)."""
+        return None if self.result is None else self.result.table()
 
     @staticmethod
     def _loss(trainer: Trainer, pl_module: LightningModule, batch: Any, k: int) -> torch.Tensor:

@@ -23,8 +23,9 @@ from pl_optim.compression.quantizer import (
     repair_nonfinite,
     snapshot,
 )
-from pl_optim.compression.report import compression_stats, format_report, layer_sizes, plot_series
+from pl_optim.compression.report import compression_stats, layer_sizes, plot_series, size_table
 from pl_optim.compression.size import FLOAT_BITS, add_size_grad, compute_size_loss, output_positions
+from pl_optim.report import Table
 
 
 class SelfCompression(StepHookCallback):
@@ -49,9 +50,9 @@ class SelfCompression(StepHookCallback):
 
     Logs each training epoch ``self_compression/bits_pct`` (% of float bits kept),
     ``weights_pct``, ``Q``, ``mean_bits/<layer>`` and ``bit_macs_pct`` (``100 C / 32``: % of the
-    float network's bit-MACs); at fit end prints the per-layer table
-    (``rank_zero_info``), keeps it in :attr:`report` (list of dicts) and, with matplotlib, saves a
-    PNG of size vs. epoch. A NaN/inf appearing in ``bits``/``exponent`` after a step is replaced by
+    float network's bit-MACs); at fit end prints the per-layer table (``rank_zero_info``), keeps
+    it in :attr:`report` (a :class:`~pl_optim.report.Table`: ``print`` it, ``to_dicts()``,
+    ``to_pandas()``) and, with matplotlib, saves a PNG of size vs. epoch. A NaN/inf appearing in ``bits``/``exponent`` after a step is replaced by
     its previous value, with a warning.
 
     Args:
@@ -132,7 +133,7 @@ class SelfCompression(StepHookCallback):
         self.optimizer_index = optimizer_index
         self.plot_path = plot_path
         self.history: list[dict[str, float]] = []
-        self.report: list[dict[str, Any]] = []
+        self.report: Table = Table([])
         self._groups: list[tuple[dict, float | None]] = []
         self._saved: list[torch.Tensor] = []
         self._frozen = False
@@ -278,8 +279,8 @@ class SelfCompression(StepHookCallback):
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         rows = layer_sizes(pl_module)
-        self.report = [r.as_dict() for r in rows]
-        rank_zero_info("SelfCompression report:\n" + format_report(rows))
+        self.report = size_table(rows, title="SelfCompression report:")
+        rank_zero_info(str(self.report))
         if self.removal is not None:
             self.channels = self.removal.channel_report(pl_module)
             rank_zero_info("SelfCompression channels (before -> after): " + ", ".join(

@@ -3,7 +3,7 @@
 
 from pl_optim.amsgrad import set_amsgrad
 from pl_optim.lottery import MaskSet, RewindPoint, export_ticket, magnitude_masks
-from pl_optim.lr_range_test import lr_range_test
+from pl_optim.range_test import lr_range_test
 from pl_optim.schedules import one_cycle
 from pl_optim.steps import StepHooks, StepLedger
 from pl_optim.weight_decay import DecoupledDecay, apply_weight_decay

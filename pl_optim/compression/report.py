@@ -15,6 +15,7 @@ from torch import nn
 
 from pl_optim.compression.quantizer import dead_channels, quantized_layers
 from pl_optim.compression.size import FLOAT_BITS, groups_of, kernel_area, layer_size_bits, live_input_columns
+from pl_optim.report import Table
 
 
 @dataclass
@@ -80,18 +81,20 @@ def compression_stats(model: nn.Module) -> dict[str, float]:
     return stats
 
 
+def size_table(rows: list[LayerSize], title: str = "") -> Table:
+    """The per-layer rows as a :class:`~pl_optim.report.Table` (with ``pct_float``, each layer's
+    size as % of its float bits) and a ``total`` footer; ``str()`` of it is the printed report."""
+    data = [{**r.as_dict(), "pct_float": 100.0 * r.size_bits / r.float_bits} for r in rows]
+    q, fb = sum(r.size_bits for r in rows), sum(r.float_bits for r in rows)
+    footer = {"name": "total", "size_bits": q, "float_bits": fb, "pct_float": 100.0 * q / fb if fb else 0.0,
+              "weights_kept": sum(r.weights_kept for r in rows)} if rows else None
+    formats = {"mean_bits": ".2f", "size_bits": ".0f", "pct_float": ".2f"}
+    return Table(data, formats=formats, title=title, footer=footer)
+
+
 def format_report(rows: list[LayerSize]) -> str:
     """The per-layer table as fixed-width text (one header line, one line per layer, a total)."""
-    head = f"{'layer':<28}{'out alive':>12}{'in alive':>12}{'mean bits':>10}{'size bits':>12}{'% float':>9}"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(
-            f"{r.name:<28}{f'{r.out_alive}/{r.out_total}':>12}{f'{r.in_alive}/{r.in_total}':>12}"
-            f"{r.mean_bits:>10.2f}{r.size_bits:>12.0f}{100 * r.size_bits / r.float_bits:>8.2f}%"
-        )
-    q, fb = sum(r.size_bits for r in rows), sum(r.float_bits for r in rows)
-    lines.append(f"{'total':<28}{'':>12}{'':>12}{'':>10}{q:>12.0f}{100 * q / fb:>8.2f}%")
-    return "\n".join(lines)
+    return str(size_table(rows))
 
 
 def plot_series(

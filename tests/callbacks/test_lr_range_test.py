@@ -3,6 +3,8 @@ feeds OneCycle(max_lr="find"), saves a PNG, does not re-run on resume."""
 
 from __future__ import annotations
 
+import re
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -76,3 +78,30 @@ def test_manual_optimization_is_refused(trainer_kwargs):
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LRRangeTest(**kwargs)
+
+
+def test_warns_when_the_suggestion_sits_below_min_lr(trainer_kwargs, recwarn):
+    # diverges from the first step: the lowest loss is the first point, min/10 is below min_lr
+    finder = LRRangeTest(min_lr=1.0, max_lr=1e6, num_steps=10, plot_path=None)
+    fit([finder], trainer_kwargs, max_steps=1)
+    messages = [str(w.message) for w in recwarn if "LRRangeTest:" in str(w.message)]
+    assert finder.suggested[0] < 1.0
+    assert len(messages) == 1, messages
+    assert re.search(r"LRRangeTest: the suggested lr 0.1 \(min_div_10\) sits at or below the start of the sweep "
+                     r"\(`min_lr`=1\).*Lower `min_lr`, or raise `num_steps`", messages[0]), messages[0]
+
+
+def test_no_warning_for_a_healthy_sweep(trainer_kwargs, recwarn):
+    finder = LRRangeTest(num_steps=60, min_lr=1e-4, max_lr=1e3, plot_path=None)
+    fit([finder], trainer_kwargs, TinyClassifier(optimizer="sgd", lr=0.01), max_steps=1)
+    assert finder.result.diverged
+    assert [str(w.message) for w in recwarn if "LRRangeTest:" in str(w.message)] == []
+
+
+def test_report_is_a_table_of_the_sweep(trainer_kwargs):
+    finder = LRRangeTest(num_steps=12, plot_path=None)
+    assert finder.report is None
+    fit([finder], trainer_kwargs, max_steps=1)
+    rows = finder.report.to_dicts()
+    assert [r["lr"] for r in rows] == finder.result.lrs and [r["loss"] for r in rows] == finder.result.losses
+    assert str(finder.report).startswith(f"LR range test: {len(rows)} steps")

@@ -1,15 +1,16 @@
-"""pl_optim.lr_range_test: exponential sweep, smoothing, divergence stop, bit-exact restore."""
+"""pl_optim.range_test.lr_range_test: exponential sweep, smoothing, divergence stop, bit-exact restore."""
 
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pl_optim.lr_range_test import RangeTestResult, lr_range_test, restored
+from pl_optim.range_test import RangeTestResult, lr_range_test, restored
 
 
 def _setup(opt_cls=torch.optim.Adam):
@@ -164,3 +165,48 @@ def test_tensor_lr_is_swept_and_restored_in_place():
     r = lr_range_test(loss_fn, opt, [model], min_lr=1e-5, max_lr=1e-2, num_steps=5)
     assert len(r.lrs) == 5
     assert opt.param_groups[0]["lr"] is lr_obj and lr_obj.item() == pytest.approx(1e-3)
+
+
+_LRS = [10 ** (-7 + k) for k in range(9)]  # 1e-7 ... 10, one decade a step
+
+
+@pytest.mark.parametrize(
+    "smoothed,diverged,method,match",
+    [
+        # lowest at the very start: min/10 is below min_lr
+        ([1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.0, 3.5, 5.0], True, "min_div_10", r"below the start of the sweep \(`min_lr`=1e-07\).*Lower `min_lr`, or raise `num_steps`"),
+        # lowest at the second point: min/10 is exactly min_lr
+        ([1.0, 0.9, 1.3, 1.6, 2.0, 2.5, 3.0, 3.5, 5.0], True, "min_div_10", r"point 2 of 9"),
+        # steepest fall at the first candidate point
+        ([2.0, 1.0, 0.9, 0.85, 0.84, 0.83, 0.9, 2.0, 9.0], True, "steepest", r"suggested lr 1e-06 \(steepest\) sits at or below the start"),
+        # still falling at max_lr and no divergence
+        ([2.0, 1.9, 1.8, 1.6, 1.3, 1.0, 0.8, 0.6, 0.5], False, "min_div_10", r"still falling at the last lr 10 \(`max_lr`\).*Raise `max_lr`"),
+        ([2.0, 1.9, 1.8, 1.6, 1.3, 1.0, 0.8, 0.6, 0.5], False, "steepest", r"Raise `max_lr`"),
+        # a proper valley: no warning
+        ([2.0, 1.99, 1.9, 1.5, 0.9, 0.6, 0.5, 1.5, 3.0], True, "min_div_10", None),
+        ([2.0, 1.99, 1.9, 1.5, 0.9, 0.6, 0.5, 1.5, 3.0], True, "steepest", None),
+        # too few points to suggest anything: suggestion() raises, warning() stays quiet
+        ([1.0, 2.0], True, "min_div_10", None),
+    ],
+)
+def test_warning_at_the_ends_of_the_sweep(smoothed, diverged, method, match):
+    lrs = _LRS[: len(smoothed)]
+    r = RangeTestResult(lrs=lrs, losses=smoothed, smoothed=smoothed, diverged=diverged)
+    message = r.warning(method)
+    if match is None:
+        assert message is None
+    else:
+        assert message is not None and re.search(match, message), message
+
+
+def test_table_of_the_sweep():
+    r = RangeTestResult(lrs=[1e-3, 1e-2, 1e-1], losses=[2.0, 1.0, 9.0], smoothed=[2.0, 1.5, 4.0], diverged=True)
+    table = r.table()
+    assert table.to_dicts() == [
+        {"step": 0, "lr": 1e-3, "loss": 2.0, "smoothed": 2.0},
+        {"step": 1, "lr": 1e-2, "loss": 1.0, "smoothed": 1.5},
+        {"step": 2, "lr": 1e-1, "loss": 9.0, "smoothed": 4.0},
+    ]
+    text = str(table)
+    assert text.splitlines()[0] == "LR range test: 3 steps, diverged"
+    assert text.splitlines()[-1].split() == ["2", "0.1", "9", "4"]

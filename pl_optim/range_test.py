@@ -26,6 +26,7 @@ from torch import nn
 
 from pl_optim.checks import positive
 from pl_optim.param_groups import write_field
+from pl_optim.report import Table
 
 SUGGESTIONS = ("min_div_10", "steepest")
 
@@ -71,6 +72,44 @@ class RangeTestResult:
         slopes = {i: (pts[i + 1][1] - pts[i - 1][1]) / math.log(pts[i + 1][0] / pts[i - 1][0])
                   for i in range(start, min(end, len(pts) - 1))}
         return pts[min(slopes, key=slopes.__getitem__)][0]
+
+    def warning(self, method: str = "min_div_10") -> str | None:
+        """Why the suggestion should not be trusted, with what to change; ``None`` when it sits inside
+        the sweep.
+
+        A suggestion below the first lr (``min_lr``) or at the first points means the smoothed loss
+        never fell inside the sweep's start: lower ``min_lr`` or give the sweep more steps. A minimum
+        at the last lr of a sweep that did not diverge means the loss was still falling: raise
+        ``max_lr``. The Lightning callback warns with this text; raw-torch users can print it.
+        """
+        pts = [lr for lr, s in zip(self.lrs, self.smoothed) if math.isfinite(s)]
+        if len(pts) < 3:
+            return None
+        lr, first, last = self.suggestion(method), pts[0], pts[-1]
+        best = min((s, i) for i, s in enumerate(self.smoothed[: len(pts)]))[1]
+        factor = (pts[1] / pts[0]) if pts[0] > 0 else math.nan
+        where = f"suggested lr {lr:.3g} ({method})"
+        if lr < first * (1 - 1e-9) or lr <= pts[max(1, len(pts) // 10)]:
+            return (
+                f"the {where} sits at or below the start of the sweep (`min_lr`={first:.3g}): the smoothed loss "
+                f"was lowest at lr {pts[best]:.3g}, point {best + 1} of {len(pts)}, so the sweep saw no range in which "
+                f"the loss fell. Lower `min_lr`, or raise `num_steps` (each step multiplies the lr by {factor:.3g} "
+                f"here; the loss average needs tens of steps to settle), or lower `smoothing`."
+            )
+        if not self.diverged and (best == len(pts) - 1 or lr >= last * (1 - 1e-9)):
+            return (
+                f"the {where} sits at the end of the sweep: the smoothed loss was still falling at the last lr "
+                f"{last:.3g} (`max_lr`) and never diverged. Raise `max_lr` (or `num_steps`) so the sweep "
+                f"reaches the lr where the loss blows up."
+            )
+        return None
+
+    def table(self) -> Table:
+        """The sweep as a :class:`~pl_optim.report.Table`: ``step``, ``lr``, ``loss``, ``smoothed``."""
+        rows = [{"step": k, "lr": lr, "loss": loss, "smoothed": s}
+                for k, (lr, loss, s) in enumerate(zip(self.lrs, self.losses, self.smoothed))]
+        status = "diverged" if self.diverged else "did not diverge"
+        return Table(rows, formats={"lr": ".3g"}, title=f"LR range test: {len(rows)} steps, {status}")
 
     def suggestions(self, method: str = "min_div_10") -> list[float]:
         """The suggestion for every param group (group 0's times each group's ratio)."""
