@@ -3,7 +3,7 @@ PYTHON := $(VENV)/bin/python
 VISION_VENV ?= .venv-vision
 VISION_TESTS := $(VISION_VENV)/bin/python -m pytest tests/vision --confcutdir=tests/vision -q -p no:cacheprovider
 
-.PHONY: setup demo test test-vision lint clean
+.PHONY: setup demo test test-vision figures lint clean
 
 $(VENV)/.pl_optim_installed: pyproject.toml scripts/setup_env.sh
 	bash scripts/setup_env.sh
@@ -29,8 +29,13 @@ test-vision:
 	VISION_VENV=$(VISION_VENV) bash scripts/setup_vision_env.sh
 	$(VISION_TESTS)
 
+## Re-run the demo configs and digits_one_cycle.yaml (~2 min) and fail if README.md or a method
+## card quotes a number the fresh run does not print (scripts/check_figures.py).
+figures: setup
+	$(PYTHON) scripts/check_figures.py
+
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
 clean:
-	rm -rf $(VENV) $(VISION_VENV) lightning_logs wandb .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(VISION_VENV) outputs lightning_logs wandb .pytest_cache .ruff_cache build *.egg-info

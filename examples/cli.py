@@ -8,10 +8,15 @@ the bundle from the command line or a YAML config.
         --model.in_channels=1 --data examples.data.DigitsDataModule
 
 Bad arguments end with one ``error: ...`` line and exit status 2.
+
+Weights & Biases runs offline unless you opt in: ``WANDB_MODE`` unset means ``offline`` (no
+account or API key needed; ``wandb sync outputs/wandb/offline-run-*`` uploads later). Export
+``WANDB_MODE=online`` to log live.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from argparse import ArgumentError
@@ -39,10 +44,16 @@ class DemoCLI(LightningCLI):
         )
         for key in sorted(metrics):
             print(f"[demo]   {key} = {metrics[key]:.4f}")
+        for callback in trainer.callbacks:  # SelfCompression(remove_channels=True): widths before -> after
+            for c in getattr(callback, "channels", None) or []:
+                if c["channels_before"] != c["channels_after"]:
+                    print(f"[demo]   channels {c['layer']} = {c['channels_before']} -> {c['channels_after']}")
 
 
 def main(args: list[str] | None = None) -> DemoCLI:
-    """Run the CLI; user errors become one line on stderr and exit status 2."""
+    """Run the CLI; user errors become one line on stderr and exit status 2. W&B is offline unless
+    ``WANDB_MODE`` is set."""
+    os.environ.setdefault("WANDB_MODE", "offline")
     try:
         return DemoCLI(
             pl.LightningModule,
