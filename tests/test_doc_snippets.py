@@ -92,7 +92,7 @@ def test_a_broken_snippet_fails(tmp_path, monkeypatch):
     """The runner really executes the code: a NameError surfaces, named by its file:line."""
     with pytest.raises(NameError) as err:
         test_snippet_runs(ROOT / "README.md", 7, "Trainer()\n", tmp_path, monkeypatch)
-    assert any(f.filename == "README.md:7" for f in _frames(err.value.__traceback__))
+    assert any(f.co_filename == "README.md:7" for f in _frames(err.value.__traceback__))
 
 
 def _frames(tb):
