@@ -19,6 +19,14 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 
+from examples.benchmarks._cli import (
+    Progress,
+    benchmark_parser,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 from examples.data import DigitsDataModule
 from examples.models import DigitsConvNet
 from pl_optim.callbacks import SelfCompression
@@ -141,15 +149,16 @@ def add_recipe_arguments(
     parser: argparse.ArgumentParser, epochs: int = DEFAULTS["epochs"], freeze_at: float | None = DEFAULTS["freeze_at"]
 ) -> None:
     """Command-line options of the training recipe (shared with the benchmark)."""
-    parser.add_argument("--epochs", type=int, default=epochs)
-    parser.add_argument("--lr", type=float, default=DEFAULTS["lr"])
-    parser.add_argument("--quant-lr", type=float, default=DEFAULTS["quant_lr"])
-    parser.add_argument("--exponent-lr", type=float, default=DEFAULTS["exponent_lr"])
-    parser.add_argument("--label-smoothing", type=float, default=DEFAULTS["label_smoothing"])
-    parser.add_argument("--init-bits", type=float, default=DEFAULTS["init_bits"])
+    parser.add_argument("--epochs", type=positive_int, default=epochs, help="training epochs of every run")
+    parser.add_argument("--lr", type=positive_float, default=DEFAULTS["lr"], help="AdamW lr of the weights (cosine schedule)")
+    parser.add_argument("--quant-lr", type=positive_float, default=DEFAULTS["quant_lr"], help="lr of the bit depths")
+    parser.add_argument("--exponent-lr", type=positive_float, default=DEFAULTS["exponent_lr"], help="lr of the exponents")
+    parser.add_argument("--label-smoothing", type=non_negative_float, default=DEFAULTS["label_smoothing"],
+                        help="cross-entropy label smoothing")
+    parser.add_argument("--init-bits", type=positive_float, default=DEFAULTS["init_bits"], help="initial bit depth of every channel")
     parser.add_argument("--keep-channels", action="store_true", help="do not remove dead channels during training")
     parser.add_argument("--no-recalibrate", action="store_true", help="keep the BatchNorm statistics of training")
-    parser.add_argument("--freeze-at", type=float, default=freeze_at,
+    parser.add_argument("--freeze-at", type=non_negative_float, default=freeze_at,
                         help="fraction of the optimizer steps after which bits/exponents are held fixed (0: never)")
 
 
@@ -162,15 +171,21 @@ def recipe(args: argparse.Namespace) -> tuple[dict, dict]:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--gammas", type=float, nargs="+", default=[0.03, 0.1, 0.3, 1.0])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="compress_digits.png", help="PNG of accuracy vs. %% bits")
+    parser = benchmark_parser(__doc__)
+    parser.add_argument("--gammas", type=positive_float, nargs="+", default=[0.03, 0.1, 0.3, 1.0],
+                        help="SelfCompression(gamma=...) of the compressed runs")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of every run")
+    parser.add_argument("--out", default="outputs/compress_digits.png", help="PNG of accuracy vs. %% bits")
     add_recipe_arguments(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     float_kw, comp_kw = recipe(args)
-    rows = [train(None, seed=args.seed, **float_kw)] + [train(g, seed=args.seed, **comp_kw) for g in args.gammas]
+    progress = Progress("compress_digits")
+    progress(f"training the float model ({args.epochs} epochs)")
+    rows = [train(None, seed=args.seed, **float_kw)]
+    for g in args.gammas:
+        progress(f"training with gamma {g:g}")
+        rows.append(train(g, seed=args.seed, **comp_kw))
     print(f"{'gamma':>8} {'val acc':>8} {'% bits':>8} {'% weights':>10} {'packed B':>9} {'reloaded acc':>13}")
     for r in rows:
         g = "float" if r["gamma"] is None else f"{r['gamma']:g}"

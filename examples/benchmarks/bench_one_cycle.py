@@ -13,7 +13,6 @@ steps. Prints median and min-max over the repetitions and the ratio ours / torch
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 import warnings
@@ -21,6 +20,7 @@ import warnings
 import lightning.pytorch as pl
 import torch
 
+from examples.benchmarks._cli import Progress, benchmark_parser, non_negative_int, positive_int
 from examples.tiny import RandomClassificationData, TinyClassifier
 from pl_optim.callbacks import OneCycle
 
@@ -113,18 +113,20 @@ def ledger_cost(rounds: int = 40, n: int = 2000) -> tuple[float, float, float]:
     return statistics.median(plain), statistics.median(with_closure), statistics.median(base)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=9)
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--warmup", type=int, default=20)
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    parser = benchmark_parser(__doc__)
+    parser.add_argument("--reps", type=positive_int, default=9, help="interleaved repetitions of each run")
+    parser.add_argument("--steps", type=positive_int, default=400, help="optimizer steps per run")
+    parser.add_argument("--warmup", type=non_negative_int, default=20, help="steps left out of the timing per run")
+    args = parser.parse_args(argv)
+    progress = Progress("bench_one_cycle")
     torch.set_num_threads(1)
     wall: dict[str, list[float]] = {"ours": [], "torch": []}
     cpu: dict[str, list[float]] = {"ours": [], "torch": []}
     run("ours", 50, 5), run("torch", 50, 5)  # warm caches and imports
     same = True
     for rep in range(args.reps):
+        progress(f"repetition {rep + 1}/{args.reps}: {args.steps} steps with each")
         order = ("ours", "torch") if rep % 2 == 0 else ("torch", "ours")
         weights = {}
         for kind in order:

@@ -13,12 +13,12 @@ whether the target is met::
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import torch
 
+from examples.benchmarks._cli import Progress, benchmark_parser, non_negative_int, positive_float
 from examples.compress_digits import add_recipe_arguments, recipe, train
 
 #: Chosen on seeds 0-2, confirmed on seeds 3-5 (docs/self_compression.md lists the sweep): bits and
@@ -27,17 +27,20 @@ BEST = dict(gamma=0.25, epochs=40, freeze_at=0.75)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--gamma", type=float, default=BEST["gamma"])
+    parser = benchmark_parser(__doc__)
+    parser.add_argument("--seeds", type=non_negative_int, nargs="+", default=[0, 1, 2], help="one float + one compressed run each")
+    parser.add_argument("--gamma", type=positive_float, default=BEST["gamma"], help="SelfCompression(gamma=...)")
     add_recipe_arguments(parser, epochs=BEST["epochs"], freeze_at=BEST["freeze_at"])
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     float_kw, comp_kw = recipe(args)
     start = time.perf_counter()
     rows = []
+    progress = Progress("bench_self_compression")
     for seed in args.seeds:
+        progress(f"seed {seed}: training the float model ({args.epochs} epochs)")
         base = train(None, seed=seed, **float_kw)
+        progress(f"seed {seed}: training the compressed model (gamma {args.gamma:g})")
         comp = train(args.gamma, seed=seed, **comp_kw)
         rows.append((seed, base, comp))
         print(

@@ -16,13 +16,19 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import torch
 from torch import nn
 
+from examples.benchmarks._cli import (
+    Progress,
+    benchmark_parser,
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+)
 from pl_optim import DecoupledDecay
 
 
@@ -34,14 +40,16 @@ def build_model(width: int = 2048) -> nn.Module:
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=60)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--what", choices=("step", "train"), default="step")
-    parser.add_argument("--wd", type=float, default=0.1)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    parser = benchmark_parser(__doc__)
+    parser.add_argument("--reps", type=positive_int, default=60, help="timed, interleaved repetitions")
+    parser.add_argument("--warmup", type=non_negative_int, default=5, help="untimed steps first")
+    parser.add_argument("--what", choices=("step", "train"), default="step",
+                        help="time optimizer.step() alone, or the whole training step")
+    parser.add_argument("--wd", type=non_negative_float, default=0.1, help="weight decay λ of both")
+    parser.add_argument("--threads", type=positive_int, default=torch.get_num_threads(), help="torch.set_num_threads")
+    args = parser.parse_args(argv)
+    progress = Progress("bench_weight_decay")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
@@ -68,6 +76,7 @@ def main() -> None:
         timed(ref_model, ref_opt)
         timed(our_model, our_opt)
     ratios, ref_times, our_times = [], [], []
+    progress(f"timing {args.reps} interleaved repetitions of {args.what!r}")
     for rep in range(args.reps):
         pair = [(ref_model, ref_opt), (our_model, our_opt)]
         if rep % 2:  # alternate which goes first
