@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -25,6 +26,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def cli(config: str) -> list[str]:
     return [sys.executable, "-m", "examples.cli", "fit", "--config", f"examples/configs/{config}.yaml"]
 
+
+FIND_CALLBACKS = ('[{"class_path": "pl_optim.callbacks.LRRangeTest", "init_args": {"plot_path": null}}, '
+                  '{"class_path": "pl_optim.callbacks.OneCycle", '
+                  '"init_args": {"max_lr": "find", "pct_start": 0.25, "beta2": 0.99}}]')
 
 # name -> (command, {document: [templates]}); template fields are the keys of parse_demo().
 FIGURES: dict[str, tuple[list[str], dict[str, list[str]]]] = {
@@ -47,6 +52,12 @@ FIGURES: dict[str, tuple[list[str], dict[str, list[str]]]] = {
             ],
         },
     ),
+    "digits_one_cycle_find": (
+        cli("digits_one_cycle") + ["--trainer.callbacks=" + FIND_CALLBACKS],
+        {
+            "docs/one_cycle.md": ["suggested `max_lr = {suggested_lr:.4f}`, val_acc {val_acc:.4f}"],
+        },
+    ),
     "digits_one_cycle": (
         cli("digits_one_cycle"),
         {
@@ -58,6 +69,7 @@ FIGURES: dict[str, tuple[list[str], dict[str, list[str]]]] = {
 
 _SUMMARY = re.compile(r"^\[demo\] (\w+): ([\d,]+) parameters, (\d+) epochs, (\d+) optimizer steps in ([\d.]+)s$")
 _METRIC = re.compile(r"^\[demo\]\s+([\w/.]+) = (-?[\d.]+(?:e[-+]?\d+)?|nan|inf)$")
+_SUGGESTED = re.compile(r"LRRangeTest: .*suggested lr per param group: \[([\d.e+-]+)")
 _CHANNELS = re.compile(r"^\[demo\]\s+channels ([\w.]+) = (\d+) -> (\d+)$")
 
 
@@ -68,7 +80,8 @@ def key(name: str) -> str:
 
 def parse_demo(output: str) -> dict[str, object]:
     """The numbers of ``examples/cli.py``'s ``[demo]`` lines: ``model``, ``parameters``, ``epochs``,
-    ``steps``, ``seconds``, every metric (as a float) and ``channels_<layer>`` (``"64 → 44"``).
+    ``steps``, ``seconds``, every metric (as a float), ``channels_<layer>`` (``"64 → 44"``) and
+    ``suggested_lr`` (group 0's, from the LRRangeTest line).
 
     Raises:
         ValueError: the output has no ``[demo]`` summary line (the run failed or printed nothing).
@@ -79,6 +92,8 @@ def parse_demo(output: str) -> dict[str, object]:
         if m := _SUMMARY.match(line):
             values.update(model=m[1], parameters=int(m[2].replace(",", "")), epochs=int(m[3]), steps=int(m[4]),
                           seconds=float(m[5]))
+        elif m := _SUGGESTED.search(line):
+            values["suggested_lr"] = float(m[1])
         elif m := _CHANNELS.match(line):
             values[f"channels_{key(m[1])}"] = f"{m[2]} → {m[3]}"
         elif m := _METRIC.match(line):
@@ -112,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     failures = 0
     for name in args.only or list(FIGURES):
         command, documents = FIGURES[name]
-        shown = " ".join([".venv/bin/python", *command[1:]])
+        shown = " ".join([".venv/bin/python", *(shlex.quote(c) for c in command[1:])])
         print(f"[figures] {name}: {shown}", flush=True)
         t0 = time.perf_counter()
         run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -120,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[figures]   FAILED (exit {run.returncode}):\n{run.stderr[-2000:]}")
             failures += 1
             continue
-        values = parse_demo(run.stdout)
+        values = parse_demo(run.stdout + "\n" + run.stderr)
         print(f"[figures]   {time.perf_counter() - t0:.0f}s: " + ", ".join(
             f"{k}={v}" for k, v in values.items() if k not in ("model", "seconds")), flush=True)
         for doc, templates in documents.items():

@@ -156,3 +156,10 @@ def test_every_figure_template_is_in_its_document_and_names_printed_values():
             for template in templates:
                 for literal in re.split(r"\{[^}]*\}", template):
                     assert cf.squash(literal) in body, (name, doc, literal)
+
+
+def test_figure_checker_reads_the_range_test_suggestion():
+    values = _check_figures().parse_demo(
+        "LRRangeTest: 100 steps up to lr 10; suggested lr per param group: [0.02009]\n"
+        "[demo] DigitsConvNet: 58,474 parameters, 8 epochs, 184 optimizer steps in 4.7s\n[demo]   val_acc = 0.9871\n")
+    assert values["suggested_lr"] == 0.02009 and values["val_acc"] == 0.9871
