@@ -36,14 +36,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch import Callback
 
-from examples.benchmarks._cli import (
-    Progress,
-    benchmark_parser,
-    non_negative_float,
-    non_negative_int,
-    positive_float,
-    positive_int,
-)
+from examples.benchmarks import _cli as cli
 from examples.compress_digits import DEFAULTS, CompressibleDigitsConvNet, _accuracy
 from examples.data import DigitsDataModule
 from examples.models import ResNet9
@@ -288,25 +281,25 @@ def run(gamma: float | None, args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = benchmark_parser(__doc__)
-    parser.add_argument("--gamma", type=positive_float, default=1.0, help="SelfCompression(gamma=...): weight of the size term")
-    parser.add_argument("--epochs", type=positive_int, default=45, help="training epochs of each run (float and compressed)")
-    parser.add_argument("--quant-lr", type=positive_float, default=DEFAULTS["quant_lr"], help="lr of the bit depths")
-    parser.add_argument("--interval", type=positive_int, default=1, help="removal_interval (optimizer steps)")
-    parser.add_argument("--shift-decay", type=non_negative_float, default=0.01,
+    parser = cli.benchmark_parser(__doc__)
+    parser.add_argument("--gamma", type=cli.positive_float, default=1.0, help="SelfCompression(gamma=...): weight of the size term")
+    parser.add_argument("--epochs", type=cli.positive_int, default=45, help="training epochs of each run (float and compressed)")
+    parser.add_argument("--quant-lr", type=cli.positive_float, default=DEFAULTS["quant_lr"], help="lr of the bit depths")
+    parser.add_argument("--interval", type=cli.positive_int, default=1, help="removal_interval (optimizer steps)")
+    parser.add_argument("--shift-decay", type=cli.non_negative_float, default=0.01,
                         help="L1 proximal step on the bias / BatchNorm shift of dead channels")
-    parser.add_argument("--freeze-at", type=non_negative_float, default=0.75,
+    parser.add_argument("--freeze-at", type=cli.non_negative_float, default=0.75,
                         help="SelfCompression(freeze_at=...): bits/exponents fixed for the last part of training; 0: never")
-    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of both runs")
+    parser.add_argument("--seed", type=cli.non_negative_int, default=0, help="seed of both runs")
     parser.add_argument("--model", choices=["digits", "resnet9"], default="resnet9", help="the example network")
-    parser.add_argument("--widths", type=positive_int, nargs=4, default=[64, 128, 256, 512],
+    parser.add_argument("--widths", type=cli.positive_int, nargs=4, default=[64, 128, 256, 512],
                         help="ResNet-9 widths (the example's, Page's)")
-    parser.add_argument("--threads", type=positive_int, default=1, help="torch.set_num_threads for training and latency")
-    parser.add_argument("--batches", type=positive_int, nargs="+", default=[1, 32, 256], help="latency batch sizes")
-    parser.add_argument("--reps", type=positive_int, default=400, help="timed forwards per net and batch size")
-    parser.add_argument("--compute-gamma", type=non_negative_float, default=0.5,
+    parser.add_argument("--threads", type=cli.positive_int, default=1, help="torch.set_num_threads for training and latency")
+    parser.add_argument("--batches", type=cli.positive_int, nargs="+", default=[1, 32, 256], help="latency batch sizes")
+    parser.add_argument("--reps", type=cli.positive_int, default=400, help="timed forwards per net and batch size")
+    parser.add_argument("--compute-gamma", type=cli.non_negative_float, default=0.5,
                         help="SelfCompression(compute_gamma=...): weight of the compute-weighted size term")
-    parser.add_argument("--steps", type=positive_int, default=100, help="interleaved training steps per net")
+    parser.add_argument("--steps", type=cli.positive_int, default=100, help="interleaved training steps per net")
     parser.add_argument("--save", help="torch.save the float and the exported net here (for --load)")
     parser.add_argument("--load", help="skip training: latency of the nets saved by --save")
     args = parser.parse_args(argv)
@@ -320,7 +313,7 @@ def main(argv: list[str] | None = None) -> dict:
         return {"latency": ratios}
     decisions: list = []
     _time_removals(decisions)
-    progress = Progress("bench_channel_removal")
+    progress = cli.Progress("bench_channel_removal")
     progress(f"training the float baseline ({args.epochs} epochs)")
     base = run(None, args)
     progress(f"training the compressed run ({args.epochs} epochs, channel removal on)")
