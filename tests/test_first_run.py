@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCHMARKS = ["bench_channel_removal", "bench_one_cycle", "bench_self_compression", "bench_weight_decay"]
+BENCHMARKS = sorted(p.stem for p in (ROOT / "examples" / "benchmarks").glob("bench_*.py"))
 SCRIPTS = [f"examples.benchmarks.{b}" for b in BENCHMARKS] + ["examples.compress_digits"]
 
 

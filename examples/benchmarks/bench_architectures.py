@@ -18,12 +18,12 @@ Pure torch (no lightning): the helpers are shared with ``tests/vision``.
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
 from torch import nn
 
+from examples.benchmarks import _cli as cli
 from pl_optim.compression import attach_quantizers, quantized_layers, quantizer_parameters
 from pl_optim.compression.graph import ChannelGraph, zero_rows
 from pl_optim.compression.surgery import ChannelRemover, shrink_constants
@@ -113,10 +113,10 @@ def removal_run(name: str, keep: str = "half", size: int = 32, seed: int = 0) ->
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=list(MODELS))
-    parser.add_argument("--size", type=int, default=32, help="input height = width")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = cli.benchmark_parser(__doc__)
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS), help="torchvision models to run")
+    parser.add_argument("--size", type=cli.positive_int, default=32, help="input height = width")
+    parser.add_argument("--seed", type=cli.non_negative_int, default=0, help="torch seed")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, 1 thread, inputs 2x3x{args.size}x{args.size}, seed {args.seed}")

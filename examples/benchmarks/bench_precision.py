@@ -24,7 +24,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 import warnings
@@ -32,6 +31,7 @@ import warnings
 import torch
 from torch import nn
 
+from examples.benchmarks import _cli as cli
 from pl_optim import one_cycle
 from pl_optim.precision import CompensatedUpdate, held_bytes
 
@@ -122,12 +122,12 @@ def lightning_step_times(reps: int, steps: int = 30) -> dict[str, list[float]]:
     return times
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--reps", type=int, default=7)
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    parser = cli.benchmark_parser(__doc__)
+    parser.add_argument("--seeds", type=cli.positive_int, default=3, help="seeds of the accuracy runs (0..N-1)")
+    parser.add_argument("--steps", type=cli.positive_int, default=3000, help="steps of each accuracy run")
+    parser.add_argument("--reps", type=cli.positive_int, default=7, help="interleaved runs of the overhead timing")
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     import logging

@@ -13,7 +13,6 @@ seed, median over repetitions; printed per seed and as mean ± std over the seed
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 import warnings
@@ -21,6 +20,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from examples.benchmarks import _cli as cli
 from examples.data import DigitsDataModule
 from examples.models import DigitsConvNet, ResNet9
 from pl_optim.recipe import CHECKS
@@ -72,12 +72,13 @@ def measure(make, x, y, seed: int, reps: int) -> dict[str, tuple[float, float]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", choices=["digits", "resnet9"], default=["digits", "resnet9"])
-    parser.add_argument("--widths", type=int, nargs=4, default=[64, 128, 256, 512], help="ResNet-9 widths")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=64)
+    parser = cli.benchmark_parser(__doc__)
+    parser.add_argument("--models", nargs="+", choices=["digits", "resnet9"], default=["digits", "resnet9"],
+                        help="example networks to check")
+    parser.add_argument("--widths", type=cli.positive_int, nargs=4, default=[64, 128, 256, 512], help="ResNet-9 widths")
+    parser.add_argument("--seeds", type=cli.non_negative_int, nargs="+", default=[0, 1, 2], help="seeds")
+    parser.add_argument("--reps", type=cli.positive_int, default=3, help="timed repetitions per seed")
+    parser.add_argument("--batch", type=cli.positive_int, default=64, help="batch size")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     dm = DigitsDataModule(batch_size=args.batch)

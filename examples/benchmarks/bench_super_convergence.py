@@ -34,7 +34,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from pathlib import Path
@@ -42,6 +41,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
+from examples.benchmarks import _cli as cli
 from examples.compare import run_study
 from examples.data import DigitsDataModule
 from examples.studies import Study, epochs_to_target
@@ -202,18 +202,18 @@ DEFAULTS = {  # task: (max_epochs, budgets, tuned lr, target)
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--task", choices=tuple(DEFAULTS), default="digits")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--max-epochs", type=int, help="epochs of the constant-lr runs")
-    parser.add_argument("--budgets", type=int, nargs="+", help="epoch budgets of the 1cycle runs")
-    parser.add_argument("--tuned-lr", type=float, help="lr of the tuned constant recipe")
-    parser.add_argument("--target", type=float, help="val accuracy to reach")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--cifar-dir", default=None)
-    parser.add_argument("--out", default="outputs/bench_super_convergence")
-    parser.add_argument("--wandb", default="disabled")
+    parser = cli.benchmark_parser(__doc__)
+    parser.add_argument("--task", choices=tuple(DEFAULTS), default="digits", help="data set and model")
+    parser.add_argument("--seeds", type=cli.non_negative_int, nargs="+", default=[0, 1, 2], help="seeds")
+    parser.add_argument("--max-epochs", type=cli.positive_int, help="epochs of the constant-lr runs (None: the task's)")
+    parser.add_argument("--budgets", type=cli.positive_int, nargs="+", help="epoch budgets of the 1cycle runs (None: the task's)")
+    parser.add_argument("--tuned-lr", type=cli.positive_float, help="lr of the tuned constant recipe (None: the task's)")
+    parser.add_argument("--target", type=cli.fraction, help="val accuracy to reach (None: the task's)")
+    parser.add_argument("--workers", type=cli.positive_int, default=2, help="worker processes")
+    parser.add_argument("--threads", type=cli.positive_int, default=1, help="torch threads per worker")
+    parser.add_argument("--cifar-dir", default=None, help="local CIFAR-10 folder (task cifar10)")
+    parser.add_argument("--out", default="outputs/bench_super_convergence", help="output folder")
+    parser.add_argument("--wandb", default="disabled", help="W&B mode (disabled, offline, online)")
     ns = parser.parse_args(argv)
     max_epochs, budgets, tuned_lr, target = DEFAULTS[ns.task]
     max_epochs, budgets = ns.max_epochs or max_epochs, ns.budgets or budgets
