@@ -23,7 +23,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 from pathlib import Path
@@ -31,6 +30,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Trainer
 
+from examples.benchmarks import _cli as cli
 from examples.benchmarks.bench_channel_removal import _inputs, latency
 from examples.data import DigitsDataModule
 from examples.lottery_digits import STYLES, plot_tickets
@@ -146,18 +146,18 @@ def plot(summaries: dict, path: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--nets", nargs="+", default=list(NETS), choices=list(NETS))
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--rounds", type=int, default=9)
-    p.add_argument("--prune-fraction", type=float, default=0.3)
+    p = cli.benchmark_parser(__doc__)
+    p.add_argument("--nets", nargs="+", default=list(NETS), choices=list(NETS), help="example networks")
+    p.add_argument("--seeds", nargs="+", type=cli.non_negative_int, default=[0, 1, 2], help="seeds")
+    p.add_argument("--rounds", type=cli.positive_int, default=9, help="pruning rounds")
+    p.add_argument("--prune-fraction", type=cli.fraction, default=0.3, help="fraction of the remaining weights pruned per round")
     p.add_argument("--rewind-to", default="10", help="'init' or an optimizer step")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--structured-rounds", type=int, default=2)
-    p.add_argument("--structured-fraction", type=float, default=0.3)
-    p.add_argument("--reps", type=int, default=200)
-    p.add_argument("--out", default="outputs/bench_lottery")
+    p.add_argument("--epochs", type=cli.positive_int, default=3, help="training epochs per round")
+    p.add_argument("--lr", type=cli.positive_float, default=3e-3, help="learning rate")
+    p.add_argument("--structured-rounds", type=cli.non_negative_int, default=2, help="rounds of the structured (channel) variant")
+    p.add_argument("--structured-fraction", type=cli.fraction, default=0.3, help="fraction of channels pruned per structured round")
+    p.add_argument("--reps", type=cli.positive_int, default=200, help="timed forwards for the latency figures")
+    p.add_argument("--out", default="outputs/bench_lottery", help="output folder")
     args = p.parse_args(argv)
     args.rewind_to = args.rewind_to if args.rewind_to == "init" else int(args.rewind_to)
     torch.set_num_threads(1)
