@@ -24,6 +24,27 @@ def refuse_sharded_strategy(trainer: Trainer, feature: str) -> None:
         )
 
 
+def check_plot_path(plot_path: object) -> object:
+    """``plot_path`` of every callback that saves a PNG: ``None`` (a default file under
+    ``trainer.default_root_dir``), ``False`` (no plot), or a path (relative paths go under
+    ``trainer.default_root_dir``)."""
+    from pathlib import PurePath
+
+    if plot_path is None or plot_path is False or isinstance(plot_path, (str, PurePath)) and str(plot_path):
+        return plot_path
+    raise ValueError(f"`plot_path` must be None (default file), False (no plot) or a file path, got {plot_path!r}")
+
+
+def resolve_plot_path(plot_path: object, trainer: Trainer, default_name: str):
+    """Where a callback's PNG goes (see :func:`check_plot_path`), or ``None`` for no plot."""
+    from pathlib import Path
+
+    if plot_path is False:
+        return None
+    path = Path(default_name if plot_path is None else plot_path)
+    return path if path.is_absolute() else Path(trainer.default_root_dir) / path
+
+
 def group_metric_names(prefix: str, optimizers: Sequence[torch.optim.Optimizer]) -> list[list[str]]:
     """Metric names per optimizer and param group, exactly as ``LearningRateMonitor`` builds them:
     ``"{prefix}-Adam"``; ``"{prefix}-Adam/pg2"`` or ``"{prefix}-Adam/<group name>"`` with several

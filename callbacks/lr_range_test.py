@@ -11,6 +11,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import Metric
 
+from pl_optim import checks
+from pl_optim.callbacks._base import check_plot_path, resolve_plot_path
 from pl_optim.range_test import SUGGESTIONS, RangeTestResult, check_range_args, lr_range_test
 from pl_optim.report import Table
 
@@ -37,9 +39,10 @@ class LRRangeTest(Callback):
         smoothing: :math:`\beta` of the smoothed loss.
         diverge_threshold: stop when the smoothed loss exceeds this multiple of its minimum.
         suggestion: ``"min_div_10"`` (lr at the minimum / 10, fastai's rule) or ``"steepest"``.
-        optimizer: index of the optimizer to sweep.
-        plot_path: where to save the loss-vs-lr PNG (relative paths go under
-            ``trainer.default_root_dir``); ``None`` for no plot. Needs matplotlib.
+        optimizers: index of the optimizer to sweep (the bundle's one name for "which optimizer").
+        plot_path: where to save the loss-vs-lr PNG: ``None`` (default) for
+            ``<default_root_dir>/lr_range_test.png``, a path (relative paths go under
+            ``trainer.default_root_dir``), or ``False`` for no plot. Needs matplotlib.
 
     Raises:
         ValueError: a bad argument; manual optimization (the sweep drives the optimizer itself).
@@ -63,17 +66,15 @@ class LRRangeTest(Callback):
         smoothing: float = 0.98,
         diverge_threshold: float = 4.0,
         suggestion: str = "min_div_10",
-        optimizer: int = 0,
-        plot_path: str | None = "lr_range_test.png",
+        optimizers: int = 0,
+        plot_path: str | Path | bool | None = None,
     ) -> None:
         check_range_args(min_lr, max_lr, num_steps, smoothing, diverge_threshold)
-        if suggestion not in SUGGESTIONS:
-            raise ValueError(f"`suggestion` must be one of {SUGGESTIONS}, got {suggestion!r}")
-        if isinstance(optimizer, bool) or not isinstance(optimizer, int) or optimizer < 0:
-            raise ValueError(f"`optimizer` must be an optimizer index >= 0, got {optimizer!r}")
+        checks.one_of("suggestion", suggestion, SUGGESTIONS)
+        self.optimizer = checks.integer("optimizers", optimizers, minimum=0)
         self.kwargs = dict(min_lr=min_lr, max_lr=max_lr, num_steps=num_steps, smoothing=smoothing,
                            diverge_threshold=diverge_threshold)
-        self.suggestion, self.optimizer, self.plot_path = suggestion, optimizer, plot_path
+        self.suggestion, self.plot_path = suggestion, check_plot_path(plot_path)
         self.result: RangeTestResult | None = None
         self.suggested: list[float] | None = None  # per param group, after the sweep (or restored)
         self.saved_plot: Path | None = None
@@ -88,8 +89,7 @@ class LRRangeTest(Callback):
             return self.suggested
         if not pl_module.automatic_optimization:
             raise ValueError("LRRangeTest supports automatic optimization only (the sweep steps the optimizer itself)")
-        if self.optimizer >= len(trainer.optimizers):
-            raise ValueError(f"`optimizer` is {self.optimizer} but the model configures {len(trainer.optimizers)} optimizer(s)")
+        checks.optimizer_in_range("optimizers", self.optimizer, len(trainer.optimizers))
         opt = trainer.optimizers[self.optimizer]
         batches = itertools.cycle(trainer.train_dataloader)
         pl_module.log = pl_module.log_dict = lambda *a, **k: None  # the sweep is not training
@@ -101,9 +101,9 @@ class LRRangeTest(Callback):
             if isinstance(m, Metric):
                 m.reset()
         self.suggested = [float(v) for v in trainer.strategy.broadcast(self.result.suggestions(self.suggestion), src=0)]
-        if trainer.is_global_zero and self.plot_path is not None:
-            path = Path(self.plot_path)
-            self.saved_plot = self.result.plot(path if path.is_absolute() else Path(trainer.default_root_dir) / path, self.suggestion)
+        path = resolve_plot_path(self.plot_path, trainer, "lr_range_test.png")
+        if trainer.is_global_zero and path is not None:
+            self.saved_plot = self.result.plot(path, self.suggestion)
         warning = self.result.warning(self.suggestion)
         if warning:
             rank_zero_warn(f"LRRangeTest: {warning}")
@@ -135,7 +135,7 @@ class LRRangeTest(Callback):
         if trainer.optimizers.index(optimizer) != self.optimizer:
             raise ValueError(
                 f"OneCycle(max_lr='find') on optimizer {trainer.optimizers.index(optimizer)}, but LRRangeTest sweeps "
-                f"optimizer {self.optimizer}; set LRRangeTest(optimizer=...) to match"
+                f"optimizer {self.optimizer}; set LRRangeTest(optimizers=...) to match"
             )
         return self.run(trainer, pl_module)
 

@@ -33,7 +33,7 @@ class Report(pl.Callback):
 def test_ddp_total_is_per_rank(trainer_kwargs, tmp_path):
     # 256 samples / 16 a batch / 2 ranks = 8 batches a rank an epoch; accumulation 2 -> 4 steps
     kw = {**trainer_kwargs, "devices": 2, "strategy": "ddp_spawn", "limit_val_batches": 0}
-    callbacks = [LRRangeTest(num_steps=20, plot_path=None), OneCycle("find"), Report(str(tmp_path))]
+    callbacks = [LRRangeTest(num_steps=20, plot_path=False), OneCycle("find"), Report(str(tmp_path))]
     trainer = pl.Trainer(max_epochs=2, accumulate_grad_batches=2, callbacks=callbacks, **kw)
     trainer.fit(TinyClassifier(optimizer="sgd"), datamodule=RandomClassificationData())
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))

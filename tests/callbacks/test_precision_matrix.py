@@ -29,7 +29,7 @@ CALLBACKS = {
     "DecoupledWeightDecay": lambda: DecoupledWeightDecay(0.1),
     "AMSGradToggle": lambda: AMSGradToggle({1: True}),
     "SelfCompression": lambda: SelfCompression(1.0, init_bits=4, remove_channels=True, shift_decay=0.05),
-    "LRRangeTest": lambda: LRRangeTest(num_steps=3, plot_path=None),
+    "LRRangeTest": lambda: LRRangeTest(num_steps=3, plot_path=False),
 }
 BATCHES = 3  # per epoch; 2 epochs; checkpoint after epoch 0
 
