@@ -123,7 +123,9 @@ def main(argv: list[str] | None = None) -> None:
     print("| model | parameters | groups kept (frozen) / all | removed, every 2nd channel dead | most removable "
           "(all but one channel per group) | max rel. output diff | trace | kept because |")
     print("|---|---|---|---|---|---|---|---|")
+    progress = cli.Progress("bench_architectures")
     for name in args.models:
+        progress(f"{name}: build, trace, remove dead channels")
         t0 = time.perf_counter()
         half = removal_run(name, "half", args.size, args.seed)
         most = removal_run(name, "one", args.size, args.seed)

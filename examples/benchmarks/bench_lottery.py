@@ -164,7 +164,9 @@ def main(argv: list[str] | None = None) -> dict:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     dm = DigitsDataModule()
     summaries, report = {}, {}
+    progress = cli.Progress("bench_lottery")
     for name in args.nets:
+        progress(f"{name}: ticket search over seeds {args.seeds}")
         results = [
             find_ticket(lambda name=name: NETS[name](args.lr), _trainer(args.epochs), dm, rounds=args.rounds,
                         prune_fraction=args.prune_fraction, rewind_to=args.rewind_to,

@@ -134,6 +134,8 @@ def main(argv: list[str] | None = None) -> None:
 
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
+    progress = cli.Progress("bench_precision")
+    progress("1/3 accuracy: regression in fp32, bf16 and compensated bf16")
     print(f"1. regression MSE after {args.steps} AdamW + one-cycle steps (seeds 0..{args.seeds - 1})")
     losses = {v: [regression(v, s, args.steps) for s in range(args.seeds)] for v in VARIANTS}
     for v in VARIANTS:
@@ -141,10 +143,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"   {v:16s} MSE " + " ".join(f"{x:.5f}" for x in losses[v])
               + f"   vs fp32: {statistics.mean(rel):+.2f}% (min {min(rel):+.2f}, max {max(rel):+.2f})")
 
+    progress("2/3 memory: bytes per parameter")
     print("2. bytes per parameter held (params + grads + Adam state + compensation), 1.0M-param MLP")
     for name, b in memory().items():
         print(f"   {name:16s} {b:.2f}")
 
+    progress("3/3 overhead: interleaved Lightning runs")
     print(f"3. Lightning batch time on CPU (MLP 256-1024-10, batch 64; per run the median of 30 batches; "
           f"median over {args.reps} interleaved runs)")
     times = lightning_step_times(args.reps)

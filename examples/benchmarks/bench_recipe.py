@@ -85,7 +85,9 @@ def main(argv: list[str] | None = None) -> None:
     dm.setup()
     x, y = (t[: args.batch].contiguous() for t in dm.train_set.tensors)
     makers = {"digits": lambda: DigitsConvNet(), "resnet9": lambda: ResNet9(widths=tuple(args.widths), in_channels=1)}
+    progress = cli.Progress("bench_recipe")
     for name in args.models:
+        progress(f"{name}: every check, seeds {args.seeds}, {args.reps} reps")
         per_seed = [measure(makers[name], x, y, s, args.reps) for s in args.seeds]
         print(f"\n{name} (batch {args.batch}, seeds {args.seeds}, {args.reps} reps): cost in optimizer steps, CPU time "
               "(wall in brackets)")

@@ -219,8 +219,11 @@ def main(argv: list[str] | None = None) -> str:
     max_epochs, budgets = ns.max_epochs or max_epochs, ns.budgets or budgets
     tuned_lr, target = ns.tuned_lr or tuned_lr, ns.target or target
     study = build_study(ns.task, max_epochs, budgets, tuned_lr, target, ns.cifar_dir)
+    progress = cli.Progress("bench_super_convergence")
+    progress(f"{ns.task}: {len(study.variants)} recipes x {len(ns.seeds)} seeds on {ns.workers} worker(s)")
     result = run_study(study, ns.seeds, workers=ns.workers, out=ns.out, wandb=ns.wandb, threads=ns.threads,
                        command="python -m examples.benchmarks.bench_super_convergence " + " ".join(sys.argv[1:]))
+    progress("epochs to target")
     text = summarise(study, result["records"], ns.seeds, budgets, max_epochs, f"adam_{tuned_lr:g}")
     print(text)
     (Path(ns.out) / ns.task / "epochs_to_target.txt").write_text(text + "\n")
