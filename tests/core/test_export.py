@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from pl_optim.compression import attach_quantizers, quantized_layers
-from pl_optim.compression.export import export_compressed, load_packed, read_packed, save_packed
+from pl_optim.compression import export_compressed, load_packed, read_packed, save_packed
 
 
 def _net() -> nn.Sequential:
