@@ -131,9 +131,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=EPOCHS)
     parser.add_argument("--gamma", type=float, default=RECIPE["gamma"])
+    parser.add_argument("--freeze-at", type=float, default=RECIPE["freeze_at"])
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    recipe = dict(RECIPE, gamma=args.gamma)
+    recipe = dict(RECIPE, gamma=args.gamma, freeze_at=args.freeze_at)
     print(f"recipe: SelfCompression({', '.join(f'{k}={v}' for k, v in recipe.items())}), {args.epochs} epochs, "
           f"AdamW lr {LR:g} + cosine, label smoothing {LABEL_SMOOTHING:g}, BatchNorm recalibrated", flush=True)
     results = {}

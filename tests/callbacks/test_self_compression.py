@@ -317,3 +317,32 @@ def test_compute_gamma_reads_positions_once_and_presses_by_compute(trainer_kwarg
     for n, (layer, q) in layers.items():  # dC/db_i = P_l K I_alive(i) / sum_l P_l N_l
         want = callback.positions[n] * kernel_area(layer) * live_input_columns(layer, q).float() / macs
         torch.testing.assert_close(q.bits.grad, want)
+
+
+class SkipsSome(TinyConvNet):
+    """training_step returns None (no update) on batches 2 and 3 of every epoch."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return None if batch_idx in (2, 3) else loss
+
+
+def test_steps_without_update_change_neither_bits_nor_shifts_nor_counters(trainer_kwargs):
+    class Shifts(Callback):
+        def __init__(self):
+            self.bits, self.shifts = [], []
+
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            self.bits.append(torch.cat([p.detach().clone() for p in quantizer_parameters(pl_module)]))
+            self.shifts.append(pl_module.net[1][1].bias.detach().clone())
+
+    model, rec = SkipsSome(optimizer="sgd", lr=0.1), Shifts()
+    cb = SelfCompression(GAMMA, init_bits=2, lr=0.2, shift_decay=0.05, freeze_at=None)
+    pl.Trainer(max_epochs=2, limit_train_batches=6, callbacks=[cb, rec], **trainer_kwargs).fit(model, datamodule=_data())
+    for epoch in (0, 6):  # batches 2 and 3 ran no update: the bits and the BatchNorm shifts stand still
+        assert not torch.equal(rec.bits[epoch], rec.bits[epoch + 1])
+        for i in (2, 3):
+            assert torch.equal(rec.bits[epoch + i], rec.bits[epoch + 1])
+            assert torch.equal(rec.shifts[epoch + i], rec.shifts[epoch + 1])
+    assert cb.step_positions() == [8]  # 2 x 6 batches, 4 without an update
+    assert all(step <= 8 for step, _, _ in cb.removal.core.events)
