@@ -346,3 +346,33 @@ def test_steps_without_update_change_neither_bits_nor_shifts_nor_counters(traine
             assert torch.equal(rec.shifts[epoch + i], rec.shifts[epoch + 1])
     assert cb.step_positions() == [8]  # 2 x 6 batches, 4 without an update
     assert all(step <= 8 for step, _, _ in cb.removal.core.events)
+
+
+@pytest.mark.parametrize("decay_first", [True, False], ids=["decay-then-compression", "compression-then-decay"])
+def test_every_callback_order_resumes_exactly(trainer_kwargs, tmp_path, decay_first):
+    """DecoupledWeightDecay before or after a SelfCompression that adds param groups: resuming a
+    checkpoint (after removals) gives the uninterrupted run's weights bit for bit."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from pl_optim.callbacks import DecoupledWeightDecay
+
+    def callbacks():
+        pair = [DecoupledWeightDecay(0.01, exclude_1d=False),
+                SelfCompression(GAMMA, init_bits=2, lr=0.2, shift_decay=0.05, freeze_at=None)]
+        return pair if decay_first else pair[::-1]
+
+    kw = {**trainer_kwargs, "enable_checkpointing": True, "limit_val_batches": 0}
+    runs = []
+    for resume in (False, True):
+        pl.seed_everything(0)
+        model = TinyConvNet(optimizer="adam", lr=0.05)
+        cbs = callbacks()
+        if not resume:
+            cbs.append(ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, filename="{epoch}"))
+        pl.Trainer(max_epochs=3, limit_train_batches=8, callbacks=cbs, **kw).fit(
+            model, datamodule=_data(), ckpt_path=tmp_path / "epoch=1.ckpt" if resume else None)
+        runs.append((model, cbs))
+    (full, cbs), (resumed, _) = runs
+    assert next(c for c in cbs if isinstance(c, SelfCompression)).removal.core.events
+    for key, value in full.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
