@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
         bits = [c["bits_pct"] for _, c in rows]
         mean_drop, mean_bits = statistics.fmean(drops), statistics.fmean(bits)
         sd = statistics.stdev(drops) if len(drops) > 1 else 0.0
-        met = mean_bits <= 3.0 and mean_drop <= 0.5
+        met = mean_bits <= 3.0 and mean_drop <= 0.5 + 1e-9  # 9 errors in 1,800 images is 0.5 pp, not 0.5000001
         print(f"{arch}: {len(rows)} seed(s): float {statistics.fmean(100 * b['acc'] for b, _ in rows):.2f}% | "
               f"drop mean {mean_drop:+.2f} pp (sd {sd:.2f}, per seed {min(drops):+.2f} .. {max(drops):+.2f}) | "
               f"bits mean {mean_bits:.2f}% ({min(bits):.2f} .. {max(bits):.2f}) | "
