@@ -32,7 +32,6 @@ from pl_optim.compression.surgery import match_shapes
 
 #: Defaults chosen from the measured recipes (docs/self_compression.md, "Defaults and why").
 BITS_LR, EXPONENT_LR, FREEZE_AT = 0.05, 0.01, 0.75
-_DEFAULT: Any = object()
 
 
 class SelfCompression(StepHookCallback):
@@ -77,7 +76,7 @@ class SelfCompression(StepHookCallback):
         shift_decay: L1 proximal step per decision on the bias / BatchNorm shift of dead channels.
         freeze_at: fraction in (0, 1) of the training's optimizer steps after which ``bits``/``exponent`` are
             held fixed so the weights fine-tune on the final quantisation (default 0.75, measured to keep
-            accuracy; skipped with a warning when the run length is unbounded); None: train them to the end.
+            accuracy; not applied, with a warning, when the run length is unbounded); None: train them to the end.
         compute_gamma: weight, ``>= 0``, of the compute-weighted size term ``C = sum_l P_l Q_l / sum_l P_l N_l``
             (``P_l``: output positions, read on the first training batch); 0: off.
 
@@ -104,7 +103,7 @@ class SelfCompression(StepHookCallback):
         remove_channels: bool = True,
         removal_interval: int = 1,
         shift_decay: float = 1e-3,
-        freeze_at: float | None = _DEFAULT,
+        freeze_at: float | None = FREEZE_AT,
         compute_gamma: float = 0.0,
     ) -> None:
         self.gamma = float(non_negative("gamma", gamma))
@@ -115,8 +114,7 @@ class SelfCompression(StepHookCallback):
             raise ValueError(f"`exclude` must be layer names (strings), got {self.exclude!r}")
         self.lr = positive("lr", lr, allow_none=True)
         self.exponent_lr = positive("exponent_lr", exponent_lr, allow_none=True)
-        self._freeze_default = freeze_at is _DEFAULT
-        self.freeze_at = FREEZE_AT if self._freeze_default else fraction("freeze_at", freeze_at, allow_none=True)
+        self.freeze_at = fraction("freeze_at", freeze_at, allow_none=True)
         self._freeze_step: float = math.inf
         self.optimizers = integer("optimizers", optimizers, minimum=0)
         self.plot_path = plot_path
@@ -196,10 +194,9 @@ class SelfCompression(StepHookCallback):
         if self.freeze_at is not None:
             try:
                 self._freeze_step = math.ceil(self.freeze_at * derive_total_steps(trainer, len(trainer.optimizers)))
-            except ValueError as err:
-                if not self._freeze_default:
-                    raise ValueError(f"`freeze_at` needs a finite training length: {err}") from None
-                rank_zero_warn(f"SelfCompression: the run length is unbounded ({err}); bits are not frozen")
+            except ValueError as err:  # the default must not break unbounded runs: warn, don't freeze
+                rank_zero_warn(f"SelfCompression: `freeze_at` needs a finite training length ({err}); "
+                               "the bits are not frozen in this run")
         for group, lr in self._groups:
             group["lr"] = lr  # the configured lr wins over a restored optimizer state
         if self._recorder is not None:

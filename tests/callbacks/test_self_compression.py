@@ -280,6 +280,11 @@ def test_bad_arguments(kwargs, match):
         SelfCompression(**kwargs)
 
 
+class StopAfterOneBatch(Callback):
+    def on_train_batch_end(self, trainer, *args):
+        trainer.should_stop = True
+
+
 def test_bad_exclude_and_model_at_setup(trainer_kwargs):
     with pytest.raises(ValueError, match=r"`exclude` name 'net.9' matches no"):
         _fit(trainer_kwargs, TinyConvNet(), SelfCompression(1.0, exclude=["net.9"]), limit_train_batches=1)
@@ -295,9 +300,11 @@ def test_bad_exclude_and_model_at_setup(trainer_kwargs):
         _fit(trainer_kwargs, NoLayers(), SelfCompression(1.0), limit_train_batches=1)
     with pytest.raises(ValueError, match=r"`optimizers` is 3 but the model configures 1 optimizer\(s\)"):
         _fit(trainer_kwargs, BitsOnlyOptimizer(), SelfCompression(1.0, optimizers=3), limit_train_batches=1)
-    with pytest.raises(ValueError, match=r"`freeze_at` needs a finite training length.*got inf"):
-        trainer = pl.Trainer(max_epochs=-1, callbacks=[SelfCompression(1.0, freeze_at=0.5)], **trainer_kwargs)
+    cb = SelfCompression(1.0, freeze_at=0.5)
+    with pytest.warns(UserWarning, match=r"`freeze_at` needs a finite training length.*not frozen"):
+        trainer = pl.Trainer(max_epochs=-1, callbacks=[cb, StopAfterOneBatch()], **trainer_kwargs)
         trainer.fit(TinyConvNet(), datamodule=_data())
+    assert cb._freeze_step == float("inf")
 
 
 def test_compute_gamma_reads_positions_once_and_presses_by_compute(trainer_kwargs):
