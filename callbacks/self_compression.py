@@ -15,7 +15,12 @@ from pl_optim.callbacks._base import StepHookCallback, refuse_sharded_strategy
 from pl_optim.callbacks._channel_removal import RemovalDriver
 from pl_optim.callbacks._schedule_length import derive_total_steps
 from pl_optim.checks import boolean, fraction, integer, non_negative, optimizer_in_range, positive
-from pl_optim.compression.checkpoint import compressed_state, plain_state_dict, restore_compressed, to_parametrized
+from pl_optim.compression.checkpoint import (
+    compressed_state,
+    plain_state_dict,
+    restore_compressed,
+    to_parametrized,
+)
 from pl_optim.compression.quantizer import (
     attach_quantizers,
     check_init_bits,

@@ -33,7 +33,7 @@ from torch import nn
 
 from examples.compress_digits import _accuracy
 from examples.data import DigitsDataModule
-from examples.models import DigitsConvNet, ResNet9, Residual
+from examples.models import DigitsConvNet, Residual, ResNet9
 from pl_optim.callbacks import SelfCompression
 from pl_optim.compression import compression_stats, load_packed, recalibrate_batchnorm, save_packed
 
