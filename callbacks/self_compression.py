@@ -25,7 +25,7 @@ from pl_optim.compression.quantizer import (
     attach_quantizers,
     check_init_bits,
     clean_gradients,
-    move_to_own_groups,
+    place_quantizers,
     quantized_layers,
     quantizer_parameters,
     repair_nonfinite,
@@ -156,8 +156,10 @@ class SelfCompression(StepHookCallback):
     @staticmethod
     def _adapt_loaded(module, state_dict, prefix, *args) -> None:
         """Checkpoints hold the plain full-size model (quantised layout in earlier versions): convert."""
-        match_shapes(module, state_dict, prefix)
-        to_parametrized(module, state_dict, prefix)
+        if any("parametrizations.weight." in k for k in state_dict):
+            match_shapes(module, state_dict, prefix)  # earlier format: quantised layout, shrunk shapes
+        else:
+            to_parametrized(module, state_dict, prefix)  # raises clearly for an already-shrunk model
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self._recorder is not None:
@@ -175,23 +177,8 @@ class SelfCompression(StepHookCallback):
         self._groups = self._place_parameters(trainer, pl_module)
 
     def _place_parameters(self, trainer: Trainer, pl_module: LightningModule) -> list[tuple[dict, float]]:
-        ids = {id(p) for p in quantizer_parameters(pl_module)}
-        holders = {i for i, opt in enumerate(trainer.optimizers) for g in opt.param_groups for p in g["params"] if id(p) in ids}
-        held = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]} & ids
-        if held and held != ids or len(holders) > 1:
-            raise RuntimeError(
-                "configure_optimizers put only some of the quantiser parameters (bits/exponent) into optimizers; "
-                "supported: all of them in one optimizer, or none (SelfCompression then adds them)"
-            )
-        own = held and all(all(id(p) in ids for p in g["params"]) for opt in trainer.optimizers
-                           for g in opt.param_groups if any(id(p) in ids for p in g["params"]))
-        if own and self.lr is None and self.exponent_lr is None:
-            return []  # placed in groups of their own by configure_optimizers: keep the user's choice
-        index = holders.pop() if held else optimizer_in_range("optimizers", self.optimizers, len(trainer.optimizers))
-        lr = BITS_LR if self.lr is None else self.lr
-        e_lr = EXPONENT_LR if self.exponent_lr is None else self.exponent_lr
-        groups = move_to_own_groups(trainer.optimizers[index], pl_module, lr, e_lr)
-        return list(zip(groups, (lr, e_lr)))
+        index = optimizer_in_range("optimizers", self.optimizers, len(trainer.optimizers))
+        return place_quantizers(trainer.optimizers, pl_module, index, self.lr, self.exponent_lr, BITS_LR, EXPONENT_LR)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_start(trainer, pl_module)

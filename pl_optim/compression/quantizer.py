@@ -24,7 +24,7 @@ optimizer built before or after attaching sees the same tensor, and any code tha
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -309,3 +309,34 @@ def move_to_own_groups(
     for group in groups:
         optimizer.add_param_group(group)
     return optimizer.param_groups[-len(groups):]
+
+
+def place_quantizers(
+    optimizers: Sequence[torch.optim.Optimizer], model: nn.Module, index: int, lr: float | None = None,
+    exponent_lr: float | None = None, default_lr: float = 0.05, default_exponent_lr: float = 0.01,
+) -> list[tuple[dict, float]]:
+    """Put the quantiser parameters where they train well, respecting a deliberate placement.
+
+    Held in groups of their own (the user's choice) and neither lr given: left alone (returns ``[]``).
+    Otherwise they move into :func:`move_to_own_groups` of the optimizer holding them (``optimizers[index]``
+    when none does), at ``lr`` / ``exponent_lr`` (or the defaults). Returns ``(group, lr)`` per group added.
+
+    Raises:
+        RuntimeError: only some of them are in optimizers, or they are spread over several.
+    """
+    ids = {id(p) for p in quantizer_parameters(model)}
+    holding = [(i, g) for i, opt in enumerate(optimizers) for g in opt.param_groups if any(id(p) in ids for p in g["params"])]
+    held = {id(p) for _, g in holding for p in g["params"]} & ids
+    holders = {i for i, _ in holding}
+    if held and held != ids or len(holders) > 1:
+        raise RuntimeError(
+            "configure_optimizers put only some of the quantiser parameters (bits/exponent) into optimizers; "
+            "supported: all of them in one optimizer, or none (SelfCompression then adds them)"
+        )
+    own = held and all(id(p) in ids for _, g in holding for p in g["params"])
+    if own and lr is None and exponent_lr is None:
+        return []
+    lr = default_lr if lr is None else lr
+    exponent_lr = default_exponent_lr if exponent_lr is None else exponent_lr
+    groups = move_to_own_groups(optimizers[holders.pop() if held else index], model, lr, exponent_lr)
+    return list(zip(groups, (lr, exponent_lr)))
