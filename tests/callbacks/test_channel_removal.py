@@ -280,3 +280,19 @@ def test_dead_quantises_only_rule_dead_rows_with_the_same_answer(extra_parametri
     for name, (layer, q) in layers.items():
         want = dead_channels(q) & (layer.weight.detach().flatten(1) == 0).all(1)
         assert torch.equal(got[name], want) and got[name].any(), name
+
+
+def test_one_summary_line_per_epoch_and_events_at_debug(trainer_kwargs, caplog):
+    import logging
+
+    model = TinyConvNet(optimizer="adam", lr=0.05)
+    callback = _shrinking()
+    with caplog.at_level(logging.DEBUG):
+        pl.Trainer(max_epochs=3, callbacks=[callback], **trainer_kwargs).fit(model, datamodule=_data())
+    events = callback.removal.core.events
+    epochs_with_removals = {(step - 1) // 8 for step, _, _ in events}
+    summaries = [r for r in caplog.records if r.levelno == logging.INFO and "removed" in r.getMessage()
+                 and "channel(s)" in r.getMessage()]
+    details = [r for r in caplog.records if r.levelno == logging.DEBUG and "optimizer step" in r.getMessage()]
+    assert events and len(summaries) == len(epochs_with_removals)  # ONE line per epoch with removals
+    assert len(details) == len({step for step, _, _ in events})  # every event, at debug level
