@@ -97,11 +97,14 @@ class StepHookCallback(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._subscribe(trainer)
 
+    #: subscribe ahead of the other callbacks (see :meth:`pl_optim.steps.StepLedger.subscribe`)
+    early_subscriber = False
+
     def _subscribe(self, trainer: Trainer) -> None:
         self._remove_step_hooks()
         pre = (lambda i, o: self.before_step(trainer, i, o)) if self._uses("before_step") else None
         post = (lambda i, o: self.after_step(trainer, i, o)) if self._uses("after_step") else None
-        self._step_hooks = StepHooks(trainer.optimizers, pre=pre, post=post)
+        self._step_hooks = StepHooks(trainer.optimizers, pre=pre, post=post, early=self.early_subscriber)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.start_positions(trainer)

@@ -5,10 +5,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
-from pl_optim.callbacks._base import group_metric_names, log_step_metrics, refuse_sharded_strategy
+from pl_optim import checks
+from pl_optim.callbacks._base import (
+    StepHookCallback,
+    group_metric_names,
+    log_step_metrics,
+    refuse_sharded_strategy,
+)
 from pl_optim.steps import StepLedger
 from pl_optim.weight_decay import (
     DecoupledDecay,
@@ -21,7 +27,7 @@ from pl_optim.weight_decay import (
 )
 
 
-class DecoupledWeightDecay(Callback):
+class DecoupledWeightDecay(StepHookCallback):
     r"""Decoupled weight decay for any torch optimizer (Loshchilov & Hutter).
 
     Right before every optimizer step that actually runs (never on gradient-accumulation
@@ -80,10 +86,11 @@ class DecoupledWeightDecay(Callback):
             check_weight_decay(weight_decay)
         self.weight_decay = weight_decay
         self.mode = check_mode(mode)
+        self.exclude_1d = checks.boolean("exclude_1d", exclude_1d)
         compile_exclude(exclude, exclude_1d)  # validates
-        self.exclude, self.exclude_1d = exclude, bool(exclude_1d)
+        self.exclude = exclude
         self.lr_ref = check_lr_ref(lr_ref)
-        self.foreach, self.log = bool(foreach), bool(log)
+        self.foreach, self.log = checks.boolean("foreach", foreach), checks.boolean("log", log)
         self.decays: list[DecoupledDecay] = []
         self._loaded: list[dict] | None = None
         self._hooks: list = []
@@ -113,12 +120,18 @@ class DecoupledWeightDecay(Callback):
         self._logged_steps = [ledger.steps for ledger in self._ledgers]
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)  # positions (the decay itself runs on the ledger)
         # An optimizer state restored from a checkpoint carries weight_decay=0 (see
         # on_save_checkpoint): put λ back where the ecosystem reads it. Fresh runs already hold λ
         # since fit start (and may hold a ParamScheduler's first value, which must not be undone).
         if trainer.ckpt_path is not None:
             for decay in self.decays:
                 decay.write_lambdas()
+        for index, decay in enumerate(self.decays):  # e.g. λ too large for the lr: fail now, not at step 1
+            try:
+                decay.check_coefficients()
+            except ValueError as err:
+                raise ValueError(f"DecoupledWeightDecay, optimizer {index}: {err}") from None
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         names = group_metric_names("wd_effective", trainer.optimizers) if self.log else []
@@ -130,6 +143,7 @@ class DecoupledWeightDecay(Callback):
         log_step_metrics(trainer, metrics)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
         self._remove_hooks()
 
     def _remove_hooks(self) -> None:
@@ -143,11 +157,12 @@ class DecoupledWeightDecay(Callback):
                 group["weight_decay"] = 0.0
 
     def state_dict(self) -> dict[str, Any]:
-        if not self.decays:
-            return {"optimizers": self._loaded or []}
-        return {"optimizers": [d.state_dict() for d in self.decays]}
+        decays = [d.state_dict() for d in self.decays] if self.decays else self._loaded or []
+        return {"optimizers": decays, "steps": self.step_positions()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._loaded = list(state_dict["optimizers"])
+        if "steps" in state_dict:
+            self.load_step_positions(state_dict["steps"])
         for decay, state in zip(self.decays, self._loaded):
             decay.load_state_dict(state)

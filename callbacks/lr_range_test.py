@@ -108,7 +108,7 @@ class LRRangeTest(Callback):
 
     @staticmethod
     def _loss(trainer: Trainer, pl_module: LightningModule, batch: Any, k: int) -> torch.Tensor:
-        batch = trainer.strategy.batch_to_device(batch)
+        batch = trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch))  # as the fit loop does
         with trainer.precision_plugin.train_step_context():
             out = pl_module.training_step(batch, k)
         loss = out["loss"] if isinstance(out, dict) else out

@@ -13,6 +13,7 @@ from pl_optim import checks
 from pl_optim.callbacks._base import StepHookCallback, refuse_sharded_strategy
 from pl_optim.callbacks._schedule_length import derive_total_steps
 from pl_optim.param_groups import GroupWriter
+from pl_optim.plateau import Plateau
 from pl_optim.schedules import Schedule
 
 RESUME = ("checkpoint", "trainer")
@@ -27,11 +28,13 @@ class ParamScheduler(StepHookCallback):
     :math:`n` (the number of steps of :math:`o` that already ran, held at :math:`T-1` past the
     end): :math:`\text{group}_g[k] = m_{k,g}\, s_{k,g}(\min(n, T-1), T)`.
     Values are written in ``on_train_start`` (after a checkpoint restored the optimizer, so
-    resumed runs continue exactly) and after each step that ran, for the next one (torch step
-    post-hooks: gradient-accumulation micro-batches and GradScaler-skipped fp16 steps never
-    advance the counter). Hooks are registered in ``on_train_start``, after the ``on_fit_start``
-    hooks of other callbacks, so a callback that zeroes ``weight_decay`` around the step and puts
-    it back afterwards (decoupled decay) sees this scheduler's value at the next step.
+    resumed runs continue exactly) and after each step that ran, for the next one (the optimizer's
+    :class:`~pl_optim.steps.StepLedger`: gradient-accumulation micro-batches, GradScaler-skipped
+    steps and steps that updated nothing never advance the position). The after-step hook is
+    subscribed in ``on_train_start``, after the ``on_fit_start`` subscriptions of other callbacks,
+    so a callback that zeroes ``weight_decay`` around the step and puts it back afterwards
+    (decoupled decay) sees this scheduler's value at the next step. Param groups added during
+    training follow the rule of :mod:`pl_optim.param_groups` from their first step.
 
     The total :math:`T` is ``total_steps`` or :func:`derive_total_steps`. It is saved in the
     checkpoint with the counters. Resuming with a different ``max_epochs``/``max_steps``:
@@ -41,6 +44,12 @@ class ParamScheduler(StepHookCallback):
     new configuration and continues from the saved counter (the values jump to the new curve).
     Either way a differing total is reported with a warning. A new ``fit`` without a checkpoint
     starts the schedule again at step 0.
+
+    A schedule may be a :class:`~pl_optim.plateau.Plateau` (reduce-on-plateau for any field):
+    at every ``on_train_epoch_end`` it is fed ``trainer.callback_metrics[plateau.monitor]``
+    (after that epoch's validation; rank 0's value under DDP) and its new value is written at
+    once. Its state is in the checkpoint. A monitored metric that was never logged raises at the
+    first epoch end, naming the metric and the ones available.
 
     Args:
         schedules: field -> schedule, or a list of one schedule per param group. Fields:
@@ -148,6 +157,10 @@ class ParamScheduler(StepHookCallback):
         return [opts[checks.optimizer_in_range("optimizers", i, len(opts))] for i in indices]
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not getattr(self, "_plateaus_loaded", False):  # a new fit starts over, a resumed one continues
+            for plateau in self._plateaus():
+                plateau.reset()
+        self._plateaus_loaded = False
         opts = trainer.optimizers
         indices = list(self.optimizer_indices if self.optimizer_indices is not None else range(len(opts)))
         self._selected(trainer)
@@ -183,10 +196,10 @@ class ParamScheduler(StepHookCallback):
         for i, writer in self._writers.items():
             self._apply(i, writer)
 
-    def _apply(self, index: int, writer: GroupWriter) -> None:
+    def _apply(self, index: int, writer: GroupWriter, only_new: bool = False) -> None:
         total = self.totals[self._slots[index]]
         try:
-            writer.apply(min(self.position(index), total - 1), total)
+            writer.apply(min(self.position(index), total - 1), total, only_new)
         except ValueError as err:  # a param group added during training that cannot be placed
             raise ValueError(f"{type(self).__name__}, optimizer {index}: {err}") from None
 
@@ -225,6 +238,16 @@ class ParamScheduler(StepHookCallback):
             totals = totals if keep else derived
         return steps, totals
 
+    #: the before-step hook (placing groups added since the last step) runs ahead of other callbacks'
+    #: so they read this step's values; the after-step hook keeps its place (class docstring)
+    early_subscriber = True
+
+    def before_step(self, trainer: Trainer, index: int, optimizer: torch.optim.Optimizer) -> None:
+        # A group added since the last step (an unfreeze) gets this step's values before its first update.
+        writer = self._writers.get(index)
+        if writer is not None and len(optimizer.param_groups) != writer.n_groups:
+            self._apply(index, writer, only_new=True)
+
     def after_step(self, trainer: Trainer, index: int, optimizer: torch.optim.Optimizer) -> None:
         writer = self._writers.get(index)
         if writer is None:
@@ -238,6 +261,23 @@ class ParamScheduler(StepHookCallback):
             )
         self._apply(index, writer)
 
+    def _plateaus(self) -> list[Plateau]:
+        found = [s for v in self.schedules.values() for s in (v if isinstance(v, (list, tuple)) else [v])
+                 if isinstance(s, Plateau)]
+        return list({id(p): p for p in found}.values())
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        plateaus = self._plateaus()
+        for plateau in plateaus:
+            if plateau.monitor not in trainer.callback_metrics:
+                raise ValueError(
+                    f"{type(self).__name__}: Plateau monitors {plateau.monitor!r}, which was not logged by the end of "
+                    f"epoch {trainer.current_epoch}; logged metrics: {sorted(trainer.callback_metrics)}"
+                )
+            plateau.update(trainer.strategy.broadcast(float(trainer.callback_metrics[plateau.monitor]), src=0))
+        if plateaus:
+            self._write_all()
+
     @property
     def steps(self) -> list[int]:
         """Optimizer steps that ran, per scheduled optimizer (:meth:`position`)."""
@@ -249,12 +289,17 @@ class ParamScheduler(StepHookCallback):
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().teardown(trainer, pl_module, stage)
+        if self._writers:  # keep the factors of groups adopted during training for a later save
+            self._initial = self._initial_multipliers()
         self._writers = {}
 
     def state_dict(self) -> dict[str, Any]:
         if self._writers:  # groups adopted during training add their factors
             self._initial = self._initial_multipliers()
-        return {"steps": self.steps, "totals": list(self.totals), "initial": dict(self._initial)}
+        state = {"steps": self.steps, "totals": list(self.totals), "initial": dict(self._initial)}
+        if self._plateaus():
+            state["plateaus"] = [p.state_dict() for p in self._plateaus()]
+        return state
 
     def _initial_multipliers(self) -> dict[str, list[float]]:
         """The factors of ``"initial"`` multipliers, per ``"<optimizer>/<field>"`` (checkpointed)."""
@@ -264,3 +309,6 @@ class ParamScheduler(StepHookCallback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._loaded = {"steps": [int(s) for s in state_dict["steps"]], "totals": [int(t) for t in state_dict["totals"]],
                         "initial": {k: [float(v) for v in vs] for k, vs in state_dict.get("initial", {}).items()}}
+        for plateau, saved in zip(self._plateaus(), state_dict.get("plateaus", [])):
+            plateau.load_state_dict(saved)
+            self._plateaus_loaded = True

@@ -33,7 +33,7 @@ from pl_optim.compression.quantizer import (
 )
 from pl_optim.compression.report import compression_stats, format_report, layer_sizes, plot_series
 from pl_optim.compression.size import FLOAT_BITS, OutputPositions, add_size_grad, compute_size_loss
-from pl_optim.compression.surgery import match_shapes
+from pl_optim.compression.surgery import check_optimizer_state_sliceable, match_shapes
 
 #: Defaults chosen from the measured recipes (docs/self_compression.md, "Defaults and why").
 BITS_LR, EXPONENT_LR, FREEZE_AT = 0.05, 0.01, 0.75
@@ -175,6 +175,8 @@ class SelfCompression(StepHookCallback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
         self._groups = self._place_parameters(trainer, pl_module)
+        if self.removal is not None:  # an optimizer state the surgery cannot slice: refused now, not mid-training
+            check_optimizer_state_sliceable(trainer.optimizers)
 
     def _place_parameters(self, trainer: Trainer, pl_module: LightningModule) -> list[tuple[dict, float]]:
         index = optimizer_in_range("optimizers", self.optimizers, len(trainer.optimizers))

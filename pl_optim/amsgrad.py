@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from pl_optim import checks
 from pl_optim.steps import check_optimizers
 
 
@@ -66,8 +67,7 @@ def set_amsgrad(optimizer: torch.optim.Optimizer, enabled: bool) -> None:
         ...                                   # some steps of plain Adam
         set_amsgrad(opt, True)                # AMSGrad from the next step on
     """
-    if not isinstance(enabled, bool):
-        raise TypeError(f"`enabled` must be a bool, got {enabled!r}")
+    checks.boolean("enabled", enabled)
     check_amsgrad_support(optimizer)
     for group in optimizer.param_groups:
         was_enabled = bool(group.get("amsgrad", False))

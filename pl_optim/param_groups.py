@@ -185,10 +185,16 @@ class GroupWriter:
         """The values :meth:`apply` would write, in entry order (field-major, then group)."""
         return [m * s(step, total) for _, _, s, m in self.entries]
 
-    def apply(self, step: float, total: float) -> None:
+    def apply(self, step: float, total: float, only_new: bool = False) -> None:
         """Write every scheduled field of every param group for position ``step`` of ``total``
-        (groups added since the last write are adopted first, see :meth:`adopt_new_groups`)."""
-        if len(self.optimizer.param_groups) != self.n_groups:
-            self.adopt_new_groups()
-        for group, setter, s, m in self.entries:
+        (groups added since the last write are adopted first, see :meth:`adopt_new_groups`).
+        ``only_new``: write only the groups adopted by this call (e.g. right before a step, when
+        the other groups already hold this step's values)."""
+        new = self.adopt_new_groups() if len(self.optimizer.param_groups) != self.n_groups else []
+        if only_new:
+            targets = [self.optimizer.param_groups[i] for i in new]
+            entries = [e for e in self.entries if any(e[0] is g for g in targets)]
+        else:
+            entries = self.entries
+        for group, setter, s, m in entries:
             setter(group, m * s(step, total))

@@ -38,6 +38,7 @@ import bisect
 import math
 from collections.abc import Sequence
 
+from pl_optim import checks
 from pl_optim.checks import finite as _finite
 
 __all__ = [
@@ -340,15 +341,13 @@ def one_cycle(
         [lr(s, 100) for s in range(100)]  # == torch OneCycleLR(opt, 0.1, total_steps=100)'s lrs
     """
     _positive("max_lr", max_lr)
-    if isinstance(pct_start, bool) or not isinstance(pct_start, (int, float)) or not 0.0 < pct_start < 1.0:
-        raise ValueError(f"`pct_start` must be in (0, 1), got {pct_start!r}")
-    if anneal_strategy not in ANNEAL:
-        raise ValueError(f"`anneal_strategy` must be one of {sorted(ANNEAL)}, got {anneal_strategy!r}")
+    checks.fraction("pct_start", pct_start)
+    checks.one_of("anneal_strategy", anneal_strategy, sorted(ANNEAL))
     for name, m in (("base_momentum", base_momentum), ("max_momentum", max_momentum)):
-        if not 0.0 <= _finite(name, m) < 1.0:
-            raise ValueError(f"`{name}` must be in [0, 1), got {m!r}")
+        checks.in_range(name, m, 0.0, 1.0, high_open=True)
     _positive("div_factor", div_factor)
     _positive("final_div_factor", final_div_factor)
+    checks.boolean("three_phase", three_phase)
     anneal = ANNEAL[anneal_strategy]
     initial = max_lr / div_factor
     minimum = initial / final_div_factor

@@ -26,7 +26,8 @@ Rules (one for every subscriber):
   LBFGS calls the closure several times).
 * ``after(optimizer)`` fires right after the update of a step that counted, with
   :attr:`StepLedger.steps` already incremented.
-* Subscribers fire in subscription order; ``after`` subscribers in the same order as ``before``.
+* Subscribers fire in subscription order (``before`` listeners subscribed with ``early=True``
+  first).
 * A ``step()`` that raises leaves no trace: the next call is a new outermost step.
 
 The ledger is created by :meth:`StepLedger.of` on first use and lives on the optimizer (torch's
@@ -84,13 +85,14 @@ def has_gradient(optimizer: torch.optim.Optimizer) -> bool:
 class _Subscription:
     """What :meth:`StepLedger.subscribe` returns: ``.remove()`` unsubscribes (idempotent)."""
 
-    def __init__(self, ledger: StepLedger, entry: tuple[Listener | None, Listener | None]) -> None:
-        self._ledger, self._entry = ledger, entry
+    def __init__(self, ledger: StepLedger, before: Listener | None, after: Listener | None) -> None:
+        self._ledger, self._before, self._after = ledger, before, after
 
     def remove(self) -> None:
         if self._ledger is not None:
-            if self._entry in self._ledger._subscribers:
-                self._ledger._subscribers.remove(self._entry)
+            for listeners, fn in ((self._ledger._before, self._before), (self._ledger._after, self._after)):
+                if fn is not None and fn in listeners:
+                    listeners.remove(fn)
             self._ledger = None
 
 
@@ -114,7 +116,9 @@ class StepLedger:
         self.empty = 0
         self.skipped = 0
         self.last_skipped = False
-        self._subscribers: list[tuple[Listener | None, Listener | None]] = []
+        self._before: list[Listener] = []
+        self._after: list[Listener] = []
+        self._early: list[Listener] = []  # before-listeners subscribed with early=True
         self._outer: FrameType | None = None  # frame of the outermost step() running, if any
         self._counted = False  # whether the running step counts (known once gradients exist)
         self._handles = self._register()
@@ -141,14 +145,26 @@ class StepLedger:
         ]
 
     # -- subscribers --------------------------------------------------------------------------
-    def subscribe(self, before: Listener | None = None, after: Listener | None = None) -> _Subscription:
+    def subscribe(
+        self, before: Listener | None = None, after: Listener | None = None, early: bool = False
+    ) -> _Subscription:
         """Call ``before(optimizer)`` / ``after(optimizer)`` around every step that counts (see the
-        module docstring for when exactly). Returns a handle with ``.remove()``."""
+        module docstring for when exactly). Returns a handle with ``.remove()``.
+
+        ``early=True`` runs this ``before`` ahead of every ``before`` not subscribed early (a
+        writer of hyper-parameters that others read before the update, e.g. a scheduler placing a
+        param group added since the last step); ``after`` always keeps subscription order."""
         if before is None and after is None:
             raise ValueError("`subscribe` needs `before` or `after`")
-        entry = (before, after)
-        self._subscribers.append(entry)
-        return _Subscription(self, entry)
+        if before is not None:
+            if early:
+                self._before.insert(sum(1 for fn in self._before if fn in self._early), before)
+                self._early.append(before)
+            else:
+                self._before.append(before)
+        if after is not None:
+            self._after.append(after)
+        return _Subscription(self, before, after)
 
     def note_skipped(self) -> None:
         """Record a step that was attempted but skipped before ``step()`` (e.g. GradScaler found
@@ -203,9 +219,8 @@ class StepLedger:
     def _gradients_ready(self) -> None:
         self._counted = has_gradient(self.optimizer)
         if self._counted:
-            for before, _ in list(self._subscribers):
-                if before is not None:
-                    before(self.optimizer)
+            for before in list(self._before):
+                before(self.optimizer)
 
     def _post_hook(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         if self._outer is not sys._getframe(1):
@@ -216,9 +231,8 @@ class StepLedger:
             return
         self._counted = False
         self.steps += 1
-        for _, after in list(self._subscribers):
-            if after is not None:
-                after(self.optimizer)
+        for after in list(self._after):
+            after(self.optimizer)
 
 
 _CREATE = object()
@@ -232,6 +246,7 @@ class StepHooks:
         optimizers: the optimizers to watch.
         pre: called once the step's gradients exist, before the update.
         post: called after the update (e.g. advance a schedule).
+        early: subscribe ahead of the others (see :meth:`StepLedger.subscribe`).
 
     Raises:
         TypeError: an optimizer is not a ``torch.optim.Optimizer``.
@@ -248,6 +263,7 @@ class StepHooks:
         optimizers: Sequence[torch.optim.Optimizer],
         pre: StepHook | None = None,
         post: StepHook | None = None,
+        early: bool = False,
     ) -> None:
         self.optimizers = check_optimizers(optimizers)
         self.ledgers = [StepLedger.of(o) for o in self.optimizers]
@@ -258,6 +274,7 @@ class StepHooks:
             self._handles.append(ledger.subscribe(
                 before=None if pre is None else (lambda o, i=index: pre(i, o)),
                 after=None if post is None else (lambda o, i=index: post(i, o)),
+                early=early,
             ))
 
     def remove(self) -> None:

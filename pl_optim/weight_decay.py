@@ -31,7 +31,9 @@ from typing import Literal
 
 import torch
 
+from pl_optim import checks
 from pl_optim.checks import non_negative
+from pl_optim.precision import original_param
 from pl_optim.steps import StepLedger, _Subscription, check_optimizers
 
 Mode = Literal["lr", "lr_ratio", "constant", "l2"]
@@ -69,7 +71,8 @@ def decay_coefficient(mode: str, weight_decay: float, lr: float, lr_ref: float |
             decoupled coefficient outside [0, 1] (``w·(1 − c)`` would flip or blow up the weights).
     """
     check_mode(mode)
-    lr = float(lr)
+    lr = checks.non_negative("lr", lr)
+    weight_decay = check_weight_decay(weight_decay)
     if mode == "lr":
         coefficient = lr * weight_decay
     elif mode == "lr_ratio":
@@ -102,6 +105,11 @@ def apply_weight_decay(
             plain-loop reference.
     """
     check_mode(mode)
+    checks.boolean("foreach", foreach)
+    if mode == "l2":
+        checks.non_negative("coefficient", coefficient)
+    else:
+        checks.in_range("coefficient", coefficient, 0.0, 1.0)
     params = [p for p in params if p.grad is not None]
     if not params or coefficient == 0:
         return
@@ -154,7 +162,7 @@ def compile_exclude(exclude: Exclude, exclude_1d: bool = True) -> tuple[ExcludeP
     try:
         compiled = [re.compile(p) for p in patterns]
     except re.error as err:
-        raise ValueError(f"`exclude` pattern is not a valid regular expression: {err}") from None
+        raise ValueError(f"`exclude` pattern is not a valid regular expression ({err}), got {exclude!r}") from None
 
     def predicate(name: str, param: torch.Tensor) -> bool:
         if exclude_1d and param.ndim <= 1:
@@ -229,7 +237,7 @@ class DecoupledDecay:
         self.from_optimizer = weight_decay == "optimizer"
         self.weight_decay = None if self.from_optimizer else check_weight_decay(weight_decay)
         self.mode = check_mode(mode)
-        self.foreach = bool(foreach)
+        self.foreach = checks.boolean("foreach", foreach)
         self._lr_ref_arg = check_lr_ref(lr_ref)
         self._exclude, patterns = compile_exclude(exclude, exclude_1d)
         self._names = {id(p): n for n, p in named_parameters}
@@ -284,10 +292,18 @@ class DecoupledDecay:
             group["weight_decay"] = lam
 
     def _should_decay(self, p: torch.Tensor) -> bool:
-        key = id(p)
+        key = id(original_param(p))  # inside a compensated bf16 step: the float32 stand-in's parameter
         if key not in self._decays:
             self._decays[key] = not self._exclude(self._names.get(key, ""), p)
         return self._decays[key]
+
+    def check_coefficients(self) -> list[float]:
+        """The coefficient each group would get with its current ``lr`` and ``λ``; raises the
+        ``ValueError`` of :func:`decay_coefficient` now (at setup) rather than at the first step."""
+        return [
+            decay_coefficient(self.mode, lam, group["lr"], ref)
+            for group, lam, ref in zip(self.optimizer.param_groups, self.lambdas, self.lr_refs)
+        ]
 
     def write_lambdas(self) -> None:
         """Write the owned ``λ`` values into ``group["weight_decay"]`` (e.g. after an optimizer
@@ -295,7 +311,7 @@ class DecoupledDecay:
         for group, lam in zip(self.optimizer.param_groups, self.lambdas):
             group["weight_decay"] = lam
 
-    # -- step hooks -----------------------------------------------------------------------
+    # -- around each step the ledger counts -----------------------------------------------
     def pre_step(self, *_: object) -> None:
         """Read ``λ`` from each group, decay, and zero the group's ``weight_decay`` for the step."""
         self._adopt_new_groups()

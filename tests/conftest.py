@@ -15,6 +15,8 @@ os.environ.setdefault("WANDB_SILENT", "true")
 # the 2-process DDP tests share the 2 cores.
 torch.set_num_threads(1)
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
+# torchvision tests need their own venv (.venv-vision, `make test-vision`): never collected here.
+collect_ignore = ["vision"]
 
 
 @pytest.fixture(autouse=True)

@@ -29,29 +29,18 @@ Example::
 from __future__ import annotations
 
 import copy
-import operator
 
 import torch
 from torch import fx, nn
 from torch.fx.experimental.optimization import fuse
 
-from pl_optim.compression.graph import (
-    _ADD,
-    _BN,
-    _CONV,
-    _MAX_POOL,
-    _MAX_POOL_FN,
-    _MUL,
-    _ZERO_ACT,
-    _ZERO_FN,
-    _ZERO_METHOD,
-)
+from pl_optim.compression.ops import ADD_FUNCTIONS, CONV, MUL_FUNCTIONS, SUB_FUNCTIONS, op_kind
 from pl_optim.compression.quantizer import quantized_layers
 
-#: channel-wise modules that keep an input-independent, per-channel-constant tensor so in eval mode
-_KEEPS_CONST = (*_BN, *_ZERO_ACT, *_MAX_POOL, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
-_SUB = {operator.sub, operator.isub, torch.sub}
-_BROADCAST = _ADD | _MUL
+#: op kinds (:func:`~pl_optim.compression.ops.op_kind`) that keep an input-independent,
+#: per-channel-constant tensor so in eval mode (dropout is the identity there)
+_KEEPS_CONST = {"batchnorm", "elementwise", "const_pool", "dropout"}
+_BROADCAST = ADD_FUNCTIONS | MUL_FUNCTIONS
 
 
 def _is_constant_source(node: fx.Node, modules: dict) -> bool:
@@ -59,15 +48,11 @@ def _is_constant_source(node: fx.Node, modules: dict) -> bool:
     if node.op != "call_module":
         return False
     mod = modules[node.target]
-    return isinstance(mod, (*_CONV, nn.Linear)) and not bool(mod.weight.count_nonzero())
+    return isinstance(mod, (*CONV, nn.Linear)) and not bool(mod.weight.count_nonzero())
 
 
 def _keeps_constant(node: fx.Node, modules: dict) -> bool:
-    if node.op == "call_module":
-        return isinstance(modules[node.target], _KEEPS_CONST)
-    if node.op == "call_function":
-        return node.target in _ZERO_FN or node.target in _MAX_POOL_FN
-    return node.op == "call_method" and node.target in _ZERO_METHOD
+    return op_kind(node, modules) in _KEEPS_CONST
 
 
 def _per_channel(value: torch.Tensor) -> torch.Tensor | None:
@@ -114,7 +99,7 @@ def fold_constant_branches(gm: fx.GraphModule, *example_args) -> int:
         if c is None or len(other) != 1 or not isinstance(other[0], fx.Node) or other[0] in const \
                 or shapes.get(other[0]) != shapes.get(node):
             continue  # the folded constant must not change the result's shape (broadcasting)
-        if node.target in _ADD and not bool(c.count_nonzero()) and (node.target not in _SUB or node.args[0] is other[0]):
+        if node.target in ADD_FUNCTIONS and not bool(c.count_nonzero()) and (node.target not in SUB_FUNCTIONS or node.args[0] is other[0]):
             node.replace_all_uses_with(other[0])  # x + 0, 0 + x, x - 0
         else:
             name = f"_folded_constant_{folded}"

@@ -334,9 +334,16 @@ def place_quantizers(
             "supported: all of them in one optimizer, or none (SelfCompression then adds them)"
         )
     own = held and all(id(p) in ids for _, g in holding for p in g["params"])
-    if own and lr is None and exponent_lr is None:
-        return []
+    target = optimizers[next(iter(holders)) if held else index]
+    if (own or isinstance(target, torch.optim.LBFGS) and held) and lr is None and exponent_lr is None:
+        return []  # a deliberate placement; or LBFGS, which has exactly one group
     lr = default_lr if lr is None else lr
     exponent_lr = default_exponent_lr if exponent_lr is None else exponent_lr
-    groups = move_to_own_groups(optimizers[holders.pop() if held else index], model, lr, exponent_lr)
+    if isinstance(target, torch.optim.LBFGS):
+        raise ValueError(
+            "SelfCompression adds param groups for the bit depths/exponents, but LBFGS supports exactly one "
+            "param group; put the quantiser parameters into the LBFGS group yourself (configure_optimizers: "
+            "torch.optim.LBFGS(self.parameters())) and leave `lr`/`exponent_lr` at None, or use another optimizer"
+        )
+    groups = move_to_own_groups(target, model, lr, exponent_lr)
     return list(zip(groups, (lr, exponent_lr)))

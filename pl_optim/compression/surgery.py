@@ -23,7 +23,7 @@ freshly built full-size model is brought to the same shapes in one call to :func
 
 from __future__ import annotations
 
-import warnings
+import inspect
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -36,18 +36,115 @@ from pl_optim.compression.quantizer import ChannelQuantizer
 Kept = dict[str, dict[str, torch.Tensor]]
 
 
+def _state_rule(value, shape: torch.Size, dim: int) -> str | None:
+    """How an optimizer state entry follows a slice of its parameter (``shape``) along ``dim``:
+    ``"slice"`` (shaped like the parameter there), ``"keep"`` (a scalar, or reduced along ``dim``:
+    size 1 there and broadcasting against the parameter, e.g. Adafactor's factored ``row_var`` /
+    ``col_var``), or None (not shaped so that it can follow)."""
+    if not torch.is_tensor(value) or value.dim() == 0:
+        return "keep"
+    if value.dim() != len(shape) or any(v not in (p, 1) for v, p in zip(value.shape, shape)):
+        return None
+    return "slice" if value.shape[dim] == shape[dim] else "keep"
+
+
+def _refusal(optimizer: torch.optim.Optimizer, key: str, value: torch.Tensor, shape: torch.Size) -> str:
+    return (f"{type(optimizer).__name__} keeps optimizer state {key!r} of shape {tuple(value.shape)} for a parameter "
+            f"of shape {tuple(shape)}: channel removal can slice only state shaped like its parameter (or size 1 "
+            "along the removed dim, broadcasting against it) and scalars; use another optimizer or turn removal off")
+
+
+def _check_state(param: torch.Tensor, dim: int, optimizers: Iterable[torch.optim.Optimizer]) -> None:
+    for opt in optimizers:
+        for key, value in (opt.state.get(param) or {}).items():
+            if _state_rule(value, param.shape, dim) is None:
+                raise ValueError(_refusal(opt, key, value, param.shape))
+
+
+def _probe_state(
+    optimizer: torch.optim.Optimizer, group: dict, param: torch.Tensor
+) -> tuple[dict, torch.Size] | None:
+    """The state ``type(optimizer)`` creates for a small parameter of ``param``'s rank after one step
+    (with ``group``'s settings), or None when such an optimizer cannot be built or stepped here."""
+    shape = (2, 3, 4, 5, 6)[: param.dim()]
+    dummy = nn.Parameter(torch.zeros(shape, dtype=param.dtype))
+    try:
+        names = inspect.signature(type(optimizer).__init__).parameters
+        probe = type(optimizer)([dummy], **{k: v for k, v in group.items() if k in names and k != "params"})
+        dummy.grad = torch.ones_like(dummy)
+        probe.step()
+    except Exception:  # noqa: BLE001 - a custom optimizer that needs more than its param-group settings
+        return None
+    return dict(probe.state.get(dummy) or {}), dummy.shape
+
+
+def check_optimizer_state_sliceable(
+    optimizers: torch.optim.Optimizer | Iterable[torch.optim.Optimizer], params: Iterable[torch.Tensor] | None = None
+) -> None:
+    """Refuse, before any change, an optimizer whose per-parameter state channel removal cannot slice.
+
+    Every state tensor must be shaped like its parameter, be a scalar (``step``), or have size 1
+    along a dimension the surgery slices (0 and 1) while matching the parameter elsewhere (then it
+    is kept along that dimension: torch's ``Adafactor`` factored ``row_var``/``col_var``). A
+    parameter without state yet is checked on the state ``type(optimizer)`` creates for a small
+    parameter of the same rank after one step (skipped when that optimizer cannot be built from
+    its param-group settings alone).
+
+    Args:
+        optimizers: one optimizer or several.
+        params: only these parameters (default: every parameter of the optimizers).
+
+    Raises:
+        ValueError: naming the optimizer class and the state key.
+        TypeError: ``optimizers`` holds something else than optimizers.
+
+    Example::
+
+        check_optimizer_state_sliceable(opt)   # at setup, before training
+    """
+    optimizers = [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else list(optimizers)
+    bad = [o for o in optimizers if not isinstance(o, torch.optim.Optimizer)]
+    if bad:
+        raise TypeError(f"`optimizers` must be torch.optim.Optimizer objects, got {type(bad[0]).__name__}")
+    wanted = None if params is None else {id(p) for p in params}
+    probes: dict[tuple[int, int, int], tuple[dict, torch.Size] | None] = {}
+    for opt in optimizers:
+        for gi, group in enumerate(opt.param_groups):
+            for p in group["params"]:
+                if wanted is not None and id(p) not in wanted or p.dim() == 0:
+                    continue
+                state, shape = opt.state.get(p), p.shape
+                if not state:
+                    key = (id(opt), gi, p.dim())
+                    if key not in probes:
+                        probes[key] = _probe_state(opt, group, p)
+                    if probes[key] is None:
+                        continue
+                    state, shape = probes[key]
+                for key, value in state.items():
+                    for dim in range(min(2, len(shape))):
+                        if _state_rule(value, shape, dim) is None:
+                            raise ValueError(_refusal(opt, key, value, shape))
+
+
 def slice_parameter(
     param: torch.Tensor, dim: int, index: torch.Tensor, optimizers: Iterable[torch.optim.Optimizer] = ()
 ) -> None:
     """Keep ``index`` along ``dim`` of ``param`` in place (same object), its ``.grad`` and every
-    optimizer state tensor of the same shape; scalar/differently shaped state is left alone.
+    optimizer state tensor shaped like it; scalar state is kept, and so is state of size 1 along
+    ``dim`` that broadcasts against the parameter (Adafactor's factored second moments).
 
     Args:
         param: an ``nn.Parameter`` or buffer.
         dim: the dimension to slice.
         index: ``LongTensor`` of the entries to keep (any device).
         optimizers: optimizers whose state for ``param`` must follow.
+
+    Raises:
+        ValueError: an optimizer state that cannot follow (checked before anything changes).
     """
+    optimizers = list(optimizers)
+    _check_state(param, dim, optimizers)
     old_shape = param.shape
     idx = index.to(param.device)
     with torch.no_grad():
@@ -69,17 +166,9 @@ def slice_parameter(
             param.data = param.data.index_select(dim, idx).contiguous()
         for opt in optimizers:
             state = opt.state.get(param)
-            if not state:
-                continue
-            for key, value in state.items():
-                if torch.is_tensor(value) and value.shape == old_shape and value.dim() > 0:
+            for key, value in (state or {}).items():
+                if _state_rule(value, old_shape, dim) == "slice":
                     state[key] = value.index_select(dim, idx.to(value.device)).contiguous()
-                elif torch.is_tensor(value) and value.dim() > 0:
-                    warnings.warn(
-                        f"optimizer state {key!r} of shape {tuple(value.shape)} does not match its parameter "
-                        f"{tuple(old_shape)}; left unsliced",
-                        stacklevel=2,
-                    )
 
 
 def _weight(module: nn.Module) -> torch.Tensor:
@@ -101,6 +190,44 @@ def _per_channel(module: nn.Module) -> list[torch.Tensor]:
     return out
 
 
+def _grouped(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and module.groups > 1
+
+
+def _slices(
+    module: nn.Module, out_keep: torch.Tensor | None, in_keep: torch.Tensor | None
+) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
+    """``(tensor, dim, index)`` of every slice :func:`slice_module` makes."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        tensors = (module.weight, module.bias, module.running_mean, module.running_var)
+        return [(t, 0, out_keep) for t in tensors if t is not None and out_keep is not None]
+    if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+        raise TypeError(f"cannot slice a {type(module).__name__}; supported: Conv1d/2d/3d, Linear, BatchNorm")
+    out = []
+    if out_keep is not None:
+        out += [(t, 0, out_keep) for t in [_weight(module), module.bias, *_per_channel(module)] if t is not None]
+    if in_keep is not None and not _grouped(module):
+        out.append((_weight(module), 1, in_keep))
+    return out
+
+
+def _resize(module: nn.Module, out_keep: torch.Tensor | None, in_keep: torch.Tensor | None) -> None:
+    """Update the size attributes after :func:`_slices`."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        if out_keep is not None:
+            module.num_features = len(out_keep)
+    elif isinstance(module, nn.Linear):
+        module.out_features = len(out_keep) if out_keep is not None else module.out_features
+        module.in_features = len(in_keep) if in_keep is not None else module.in_features
+    elif _grouped(module):
+        if out_keep is not None:  # whole conv groups (in == out): the weight keeps its dim 1
+            module.out_channels = module.in_channels = len(out_keep)
+            module.groups = len(out_keep) // int(_weight(module).shape[1])
+    else:
+        module.out_channels = len(out_keep) if out_keep is not None else module.out_channels
+        module.in_channels = len(in_keep) if in_keep is not None else module.in_channels
+
+
 def slice_module(
     module: nn.Module,
     out_keep: torch.Tensor | None = None,
@@ -109,39 +236,21 @@ def slice_module(
 ) -> None:
     """Keep output channels ``out_keep`` and/or input features ``in_keep`` of one module.
 
-    Supports ``Conv1d/2d/3d`` (plain, or depthwise: then ``in_keep`` is ignored and ``groups``
-    follows ``out_keep``), ``Linear`` and ``BatchNorm1d/2d/3d``; updates the size attributes.
+    Supports ``Conv1d/2d/3d`` (plain; depthwise or grouped with ``in == out``: then ``in_keep`` is
+    ignored, ``out_keep`` must hold whole conv groups, and ``groups`` follows), ``Linear`` and
+    ``BatchNorm1d/2d/3d``; updates the size attributes.
 
     Raises:
         TypeError: another module type.
+        ValueError: an optimizer state that cannot follow (before anything changes).
     """
     optimizers = list(optimizers)
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        if out_keep is not None:
-            for t in (module.weight, module.bias, module.running_mean, module.running_var):
-                if t is not None:
-                    slice_parameter(t, 0, out_keep, optimizers)
-            module.num_features = len(out_keep)
-        return
-    if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
-        raise TypeError(f"cannot slice a {type(module).__name__}; supported: Conv1d/2d/3d, Linear, BatchNorm")
-    depthwise = isinstance(module, nn.Linear) is False and module.groups > 1
-    if out_keep is not None:
-        for t in [_weight(module), module.bias, *_per_channel(module)]:
-            if t is not None:
-                slice_parameter(t, 0, out_keep, optimizers)
-        if isinstance(module, nn.Linear):
-            module.out_features = len(out_keep)
-        else:
-            module.out_channels = len(out_keep)
-            if depthwise:
-                module.in_channels = module.groups = len(out_keep)
-    if in_keep is not None and not depthwise:
-        slice_parameter(_weight(module), 1, in_keep, optimizers)
-        if isinstance(module, nn.Linear):
-            module.in_features = len(in_keep)
-        else:
-            module.in_channels = len(in_keep)
+    slices = _slices(module, out_keep, in_keep)
+    for t, dim, _ in slices:
+        _check_state(t, dim, optimizers)
+    for t, dim, index in slices:
+        slice_parameter(t, dim, index, optimizers)
+    _resize(module, out_keep, in_keep)
 
 
 def apply_kept(model: nn.Module, kept: Kept, optimizers: Iterable[torch.optim.Optimizer] = ()) -> None:
@@ -158,11 +267,18 @@ def apply_kept(model: nn.Module, kept: Kept, optimizers: Iterable[torch.optim.Op
         slice_module(modules[name], entry.get("out"), entry.get("in"), optimizers)
 
 
-def _constants(graph: ChannelGraph, group: int) -> list[torch.Tensor]:
-    """The per-channel constant terms of a group: producer biases, BatchNorm shifts, depthwise biases."""
+def _constants(graph: ChannelGraph, group: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The per-channel constant terms of a group, each with the positions of the group's channels
+    in it (``[repeats, group_size]``): producer biases, BatchNorm shifts, depthwise/grouped-conv biases.
+    Gates are not constants of the group: their outputs multiply it."""
     g = graph.groups[group]
-    mods = [graph.modules[n] for n in g.producers + g.channelwise]
-    return [m.bias for m in mods if getattr(m, "bias", None) is not None]
+    out = []
+    for name in g.producers + g.channelwise:
+        bias = getattr(graph.modules[name], "bias", None)
+        if bias is not None:
+            pos = graph.positions(name, group) if name in g.channelwise else torch.arange(len(bias))[None]
+            out.append((bias, pos))
+    return out
 
 
 def shrink_constants(
@@ -187,14 +303,14 @@ def shrink_constants(
     left = 0
     with torch.no_grad():
         for gi, mask in dead.items():
-            for c in _constants(graph, gi):
-                m = mask.to(c.device)
-                c[m] = torch.sign(c[m]) * (c[m].abs() - amount).clamp_min(0)
-                left += int((c[m] != 0).sum())
+            for c, pos in _constants(graph, gi):
+                idx = pos[:, mask.cpu()].flatten().to(c.device)
+                c[idx] = torch.sign(c[idx]) * (c[idx].abs() - amount).clamp_min(0)
+                left += int((c[idx] != 0).sum())
                 for opt in optimizers:
                     for value in opt.state.get(c, {}).values():
                         if torch.is_tensor(value) and value.shape == c.shape:
-                            value[m.to(value.device)] = 0
+                            value[idx.to(value.device)] = 0
     return left
 
 
@@ -257,40 +373,62 @@ class ChannelRemover:
     ) -> dict[str, int]:
         """Remove channels ``plan[group]`` (local indices, as from ``graph.removable``).
 
+        Every optimizer state that must follow is checked first: on a refusal nothing changes.
+
         Returns:
-            producer layer name -> number of output channels removed.
+            producer (and gate) layer name -> number of output channels removed.
+
+        Raises:
+            ValueError: an optimizer state the surgery cannot slice (naming optimizer and key).
         """
         optimizers = list(optimizers)
-        out_keep: dict[str, torch.Tensor] = {}
-        sizes = {i: self.graph.group_size(i) for i in range(len(self.graph.groups))}
+        graph = self.graph
+        sizes: dict[int, int] = {}
+
+        def size(gi: int) -> int:
+            if gi not in sizes:
+                sizes[gi] = graph.group_size(gi)
+            return sizes[gi]
+
         keeps = {}
         for gi, drop in plan.items():
-            mask = torch.ones(sizes[gi], dtype=torch.bool)
+            mask = torch.ones(size(gi), dtype=torch.bool)
             mask[drop.cpu()] = False
             keeps[gi] = mask.nonzero().flatten()
-            g = self.graph.groups[gi]
-            for name in g.producers + g.channelwise:
-                out_keep[name] = keeps[gi]
+
+        def along(segments: list[int], block: int) -> torch.Tensor:
+            parts, offset = [], 0
+            for s in segments:
+                g = graph.space_group[s]
+                n, k = size(g), keeps.get(g, torch.arange(size(g)))
+                parts.append((offset + k[:, None] * block + torch.arange(block)[None, :]).flatten())
+                offset += n * block
+            return torch.cat(parts)
+
+        out_keep: dict[str, torch.Tensor] = {}
         in_keep: dict[str, torch.Tensor] = {}
+        producers: set[str] = set()
         for gi in plan:
-            for c in self.graph.groups[gi].consumers:
-                if c.name in in_keep:
+            g = graph.groups[gi]
+            for name in g.producers + g.channelwise + g.gates:
+                if name in out_keep:
                     continue
-                parts, offset = [], 0
-                for s in c.segments:
-                    g = self.graph.space_group[s]
-                    n = sizes[g]
-                    k = keeps.get(g, torch.arange(n))
-                    feats = (offset + k[:, None] * c.block + torch.arange(c.block)[None, :]).flatten()
-                    parts.append(feats)
-                    offset += n * c.block
-                in_keep[c.name] = torch.cat(parts)
+                segments = graph._segments.get(name)
+                out_keep[name] = along(segments, 1) if segments is not None else keeps[gi]
+                if segments is None:
+                    producers.add(name)
+            for c in g.consumers:
+                if c.name not in in_keep:
+                    in_keep[c.name] = along(c.segments, c.block)
+        names = list(dict.fromkeys([*out_keep, *in_keep]))
+        for name in names:  # validate every state first: a refusal leaves model and optimizers untouched
+            for t, dim, _ in _slices(graph.modules[name], out_keep.get(name), in_keep.get(name)):
+                _check_state(t, dim, optimizers)
         removed = {}
-        for name in dict.fromkeys([*out_keep, *in_keep]):
-            module = self.graph.modules[name]
+        for name in names:
+            module = graph.modules[name]
             o, i = out_keep.get(name), in_keep.get(name)
-            dw = isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and module.groups > 1
-            if o is not None and not dw and not isinstance(module, nn.modules.batchnorm._BatchNorm):
+            if name in producers:
                 removed[name] = _weight(module).shape[0] - len(o)
             slice_module(module, o, i, optimizers)
             self._record(name, o, i)

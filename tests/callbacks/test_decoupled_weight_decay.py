@@ -198,7 +198,7 @@ def test_checkpoint_resume_matches_straight_run_and_stores_zero_in_optimizer(tra
     trainer.save_checkpoint(path)
     ckpt = torch.load(path, weights_only=False)
     assert ckpt["optimizer_states"][0]["param_groups"][0]["weight_decay"] == 0.0  # no coupled L2 without us
-    assert ckpt["callbacks"]["DecoupledWeightDecay"] == {"optimizers": [{"lambdas": [0.5], "lr_refs": [0.05]}]}
+    assert ckpt["callbacks"]["DecoupledWeightDecay"] == {"optimizers": [{"lambdas": [0.5], "lr_refs": [0.05]}], "steps": [8]}
     resumed = make()
     probe = WeightDecayProbe()
     callback = DecoupledWeightDecay(0.5, mode="lr")
@@ -318,3 +318,11 @@ def test_manual_optimization_several_optimizers_and_groups(trainer_kwargs):
     assert logger.values("wd_effective-SGD") == pytest.approx([0.1] * 6)  # LearningRateMonitor's names
     assert logger.values("wd_effective-SGD-1/pg1") == pytest.approx([0.1] * 3)
     assert logger.values("wd_effective-SGD-1/pg2") == pytest.approx([0.1] * 3)  # λ of the group (bias excluded)
+
+
+def test_decay_too_large_for_the_lr_fails_at_setup_without_touching_the_weights(trainer_kwargs):
+    model = TinyClassifier(optimizer="sgd", lr=0.5)
+    w0 = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"optimizer 0: decoupled decay coefficient must be in \[0, 1\].*got c = 2.5"):
+        _fit(trainer_kwargs, model, [DecoupledWeightDecay(5.0)], max_steps=3)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), w0))

@@ -185,7 +185,7 @@ def test_resume_with_more_epochs_on_resume_trainer(trainer_kwargs, tmp_path):
         ({"final_div_factor": -1}, r"`final_div_factor` must be > 0, got -1"),
         ({"base_momentum": 1.2}, r"`base_momentum` must be in \[0, 1\), got 1.2"),
         ({"max_momentum": [0.9, 1.0]}, r"`max_momentum` must be in \[0, 1\), got 1.0"),
-        ({"anneal_strategy": "cosine"}, r"`anneal_strategy` must be one of \['cos', 'linear'\], got 'cosine'"),
+        ({"anneal_strategy": "cosine"}, r"`anneal_strategy` must be one of \('cos', 'linear'\), got 'cosine'"),
         ({"beta2": 1.0}, r"`beta2` must be in \[0, 1\) or None, got 1.0"),
         ({"total_steps": 0}, r"`total_steps` must be an integer >= 1, got 0"),
         ({"optimizers": -1}, r"`optimizers` must be None, an index >= 0 or a list of distinct ones, got -1"),

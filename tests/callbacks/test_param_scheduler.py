@@ -244,3 +244,38 @@ def test_initial_multipliers_scale_the_configured_values_and_survive_resume(trai
     t1.save_checkpoint(tmp_path / "half.ckpt")
     _, second = run(ckpt_path=str(tmp_path / "half.ckpt"))  # the groups now hold scheduled lrs
     assert first.trace + second.trace == full.trace
+
+
+class UnfreezesHead(TinyClassifier):
+    """Trains the first layer only, then adds the head as a new param group at batch 3 (an unfreeze)."""
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.net[0].parameters(), lr=0.1, momentum=0.9)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        opt = self.trainer.optimizers[0]
+        if batch_idx == 3 and len(opt.param_groups) == 1:
+            opt.add_param_group({"params": self.net[2].parameters(), "lr": 0.5})
+
+
+@pytest.mark.parametrize("make,mult", [
+    (lambda: OneCycle(0.1), 1.0),
+    (lambda: ParamScheduler({"lr": Cosine(0.1, 0.001)}), 1.0),
+    (lambda: ParamScheduler({"lr": Cosine(1.0, 0.01)}, multipliers={"lr": "initial"}), 5.0),  # 0.5 / 0.1
+])
+def test_param_groups_added_during_training_follow_the_schedule(trainer_kwargs, make, mult):
+    probe = Probe(fields=("lr",))
+    cb = make()
+    trainer, _ = fit([cb, probe], trainer_kwargs, UnfreezesHead(), limit_train_batches=8, max_epochs=1)
+    rows = [r for r in probe.trace if len(r) == 3]  # (step, group 0 lr, group 1 lr) once the head joined
+    assert len(rows) >= 4
+    for _, lr0, lr1 in rows:
+        assert lr1 == pytest.approx(mult * lr0, rel=1e-12)
+    if mult != 1.0:
+        assert cb.state_dict()["initial"]["0/lr"] == pytest.approx([0.1, 0.5])
+
+
+def test_param_groups_added_during_training_with_per_group_schedules_raise(trainer_kwargs):
+    cb = ParamScheduler({"lr": [Cosine(0.1, 0.001)]})
+    with pytest.raises(ValueError, match=r"param group\(s\) \[1\] of SGD were added after scheduling started.*`lr` was given one schedule per param group"):
+        fit([cb], trainer_kwargs, UnfreezesHead(), limit_train_batches=8, max_epochs=1)

@@ -60,6 +60,65 @@ class GatedNet(nn.Module):
         return self.head(self.c4(z).flatten(1))
 
 
+class SENet(nn.Module):
+    """Conv-BN-ReLU, then a squeeze-excitation gate multiplying the same channels, then a conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.fc1 = nn.Conv2d(8, 4, 1)
+        self.fc2 = nn.Conv2d(4, 8, 1)
+        self.out = nn.Conv2d(8, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        gate = torch.sigmoid(self.fc2(torch.relu(self.fc1(nn.functional.adaptive_avg_pool2d(x, 1)))))
+        return self.out(x * gate).mean((2, 3))
+
+
+class DenseCatNet(nn.Module):
+    """DenseNet's pattern: two feature maps concatenated, then BatchNorm over the concatenation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(1, 8, 3, padding=1, bias=False)
+        self.b = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.norm = nn.BatchNorm2d(16)
+        self.out = nn.Conv2d(16, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.a(x)
+        y = torch.relu(self.norm(torch.cat([a, self.b(a)], 1)))
+        return self.out(y).mean((2, 3))
+
+
+class GroupedNet(nn.Module):
+    """RegNet's bottleneck: 1x1 conv, grouped 3x3 conv (4 groups of 2), 1x1 conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(1, 8, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=4, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.c = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(self.b(self.a(x))).mean((2, 3))
+
+
+class ChannelsLastMLP(nn.Module):
+    """ConvNeXt's MLP: permute to channels-last, Linear -> GELU -> Linear, permute back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc1 = nn.Linear(4, 8)
+        self.fc2 = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.stem(x).permute(0, 2, 3, 1)
+        return self.fc2(nn.functional.gelu(self.fc1(y))).permute(0, 3, 1, 2).mean((2, 3))
+
+
 def nets() -> dict[str, nn.Module]:
     """Name -> fresh network taking ``[N, 1, 8, 8]`` inputs."""
     return {
@@ -70,20 +129,23 @@ def nets() -> dict[str, nn.Module]:
     }
 
 
-def kill(graph, channels: list[int], shift: float = -1.0) -> None:
+def kill(graph, channels: list[int], shift: float = -1.0, only: tuple[str, ...] | None = None) -> None:
     """Make ``channels`` dead in every producer of every unfrozen group of ``graph``: zero weight
-    rows and bias, BatchNorm shift ``shift`` and running mean 0 (so ReLU removes it when < 0)."""
+    rows and bias, BatchNorm shift ``shift`` and running mean 0 (so ReLU removes it when < 0).
+    ``only``: just the groups of these producers."""
     with torch.no_grad():
         for g in graph.groups:
-            if g.frozen:
+            if g.frozen or only is not None and not set(only) & set(g.producers):
                 continue
             for p in g.producers:
                 mod = graph.modules[p]
                 mod.weight[channels] = 0
                 if mod.bias is not None:
                     mod.bias[channels] = 0
+            gi = graph.groups.index(g)
             for c in g.channelwise:
                 mod = graph.modules[c]
+                pos = graph.positions(c, gi)[:, channels].flatten()  # after a concatenation: its segment
                 if isinstance(mod, nn.modules.batchnorm._BatchNorm):
-                    mod.bias[channels] = shift
-                    mod.running_mean[channels] = 0
+                    mod.bias[pos] = shift
+                    mod.running_mean[pos] = 0

@@ -128,7 +128,7 @@ def test_refuses_optimizers_without_amsgrad():
         set_amsgrad(opt, True)
     with pytest.raises(ValueError, match="RMSprop has no `amsgrad` option"):
         set_amsgrad(torch.optim.RMSprop([nn.Parameter(torch.ones(2))]), False)
-    with pytest.raises(TypeError, match="`enabled` must be a bool, got 1"):
+    with pytest.raises(ValueError, match="`enabled` must be True or False, got 1"):
         set_amsgrad(torch.optim.Adam([nn.Parameter(torch.ones(2))]), 1)
     with pytest.raises(TypeError, match="optimizer 0 is a dict"):
         set_amsgrad({}, True)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 from pl_optim.compression.graph import ChannelGraph, zero_rows
-from tests.core._channel_nets import GatedNet, kill, nets
+from pl_optim.compression.surgery import ChannelRemover
+from tests.core._channel_nets import ChannelsLastMLP, DenseCatNet, GatedNet, GroupedNet, SENet, kill, nets
 
 X = torch.randn(4, 1, 8, 8)
 
@@ -92,7 +95,7 @@ def test_unsupported_ops_freeze_and_report():
     net = GatedNet()
     graph = ChannelGraph(net, X)
     reasons = " | ".join(graph.unsupported)
-    assert "getitem" in reasons and "sigmoid" in reasons and "mul" in reasons
+    assert "getitem" in reasons and "neither a per-channel gate" in reasons and "mul" in reasons
     for name in ("c1", "c2", "c3"):
         assert _group_of(graph, name).frozen
     assert not _group_of(graph, "c4").frozen
@@ -152,3 +155,87 @@ class _AllMean(nn.Module):
 
     def forward(self, x):
         return self.conv(x).mean(1)
+
+
+def _remove_and_compare(net, graph, plan):
+    net.eval()
+    before_eval, before_train = net(X), copy.deepcopy(net).train()(X)
+    removed = ChannelRemover(graph).remove(plan)
+    torch.testing.assert_close(net(X), before_eval, atol=1e-5, rtol=0)
+    torch.testing.assert_close(copy.deepcopy(net).train()(X), before_train, atol=1e-5, rtol=0)
+    return removed
+
+
+def test_squeeze_excitation_gate_sliced_with_its_channels():
+    net = SENet()
+    graph = ChannelGraph(net, X)
+    g = _group_of(graph, "conv.0")
+    assert g.gates == ["fc2"] and "fc2" not in g.producers and not g.frozen
+    assert {c.name for c in g.consumers} == {"fc1", "out"}
+    kill(graph, [1, 6], shift=0.0, only=("conv.0",))
+    plan = graph.removable(zero_rows(net, graph))  # fc2 is alive (its gate is sigmoid(...) != 0): not needed dead
+    assert plan[graph.groups.index(g)].tolist() == [1, 6]
+    removed = _remove_and_compare(net, graph, {graph.groups.index(g): plan[graph.groups.index(g)]})
+    assert removed == {"conv.0": 2, "fc2": 2} and net.fc1.in_channels == 6 and net.fc2.out_channels == 6
+
+
+def test_se_gate_at_one_by_one_spatial_found_by_ancestry():
+    graph = ChannelGraph(SENet(), torch.randn(2, 1, 1, 1))  # gate and input both [N, 8, 1, 1]
+    assert _group_of(graph, "conv.0").gates == ["fc2"]
+
+
+def test_batchnorm_after_concat_sliced_per_segment():
+    net = DenseCatNet()
+    graph = ChannelGraph(net, X)
+    a, b = _group_of(graph, "a"), _group_of(graph, "b")
+    assert a.channelwise == b.channelwise == ["norm"]
+    assert graph.positions("norm", graph.groups.index(b)).tolist() == [list(range(8, 16))]
+    kill(graph, [2, 5], shift=0.0, only=("a", "b"))
+    with torch.no_grad():  # a's channels 2, 5 are also read by b: zero b's columns so a is only removed there
+        net.b.weight[:, [2, 5]] = 0
+    plan = graph.removable(zero_rows(net, graph))
+    assert {graph.groups[i].producers[0]: v.tolist() for i, v in plan.items()} == {"a": [2, 5], "b": [2, 5]}
+    _remove_and_compare(net, graph, plan)
+    assert net.norm.num_features == 12 and net.out.in_channels == 12 and net.b.in_channels == 6
+
+
+def test_grouped_conv_loses_whole_conv_groups_only():
+    net = GroupedNet()
+    graph = ChannelGraph(net, X)
+    g = _group_of(graph, "a.0")
+    assert g.channelwise == ["a.1", "b.0", "b.1"] and not g.frozen
+    kill(graph, [2, 3, 4], shift=0.0, only=("a.0",))  # conv group 1 (channels 2, 3) whole, group 2 only half
+    plan = graph.removable(zero_rows(net, graph))
+    assert plan[graph.groups.index(g)].tolist() == [2, 3]
+    _remove_and_compare(net, graph, plan)
+    assert (net.b[0].groups, net.b[0].in_channels, net.b[0].out_channels) == (3, 6, 6)
+
+
+def test_channels_last_linear_hidden_removed():
+    net = ChannelsLastMLP()
+    graph = ChannelGraph(net, X)
+    g = _group_of(graph, "fc1")
+    assert not g.frozen and [c.name for c in g.consumers] == ["fc2"]
+    with torch.no_grad():
+        net.fc1.weight[[0, 3]] = 0
+        net.fc1.bias[[0, 3]] = 0
+    plan = graph.removable(zero_rows(net, graph))
+    assert plan == {graph.groups.index(g): plan[graph.groups.index(g)]} and plan[graph.groups.index(g)].tolist() == [0, 3]
+    _remove_and_compare(net, graph, plan)
+    assert net.fc1.out_features == 6 and net.fc2.in_features == 6
+
+
+def test_one_message_per_pattern():
+    class Normed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.convs = nn.ModuleList(nn.Conv2d(1 if i == 0 else 4, 4, 3, padding=1) for i in range(3))
+            self.norms = nn.ModuleList(nn.GroupNorm(2, 4) for _ in range(3))
+
+        def forward(self, x):
+            for conv, norm in zip(self.convs, self.norms):
+                x = norm(conv(x))
+            return x
+
+    reasons = [r for r in ChannelGraph(Normed(), X).unsupported if r != "network output"]
+    assert reasons == ["LayerNorm/GroupNorm (normalises across channels): GroupNorm (norms.0) (and 2 more)"]

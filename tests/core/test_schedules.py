@@ -117,7 +117,7 @@ def test_one_cycle_shape():
         ({"max_lr": -1.0}, r"`max_lr` must be > 0, got -1.0"),
         ({"pct_start": 1.5}, r"`pct_start` must be in \(0, 1\), got 1.5"),
         ({"pct_start": 0}, r"`pct_start` must be in \(0, 1\), got 0"),
-        ({"anneal_strategy": "exp"}, r"`anneal_strategy` must be one of \['cos', 'linear'\], got 'exp'"),
+        ({"anneal_strategy": "exp"}, r"`anneal_strategy` must be one of \('cos', 'linear'\), got 'exp'"),
         ({"div_factor": 0}, r"`div_factor` must be > 0, got 0"),
         ({"final_div_factor": -2}, r"`final_div_factor` must be > 0, got -2"),
         ({"base_momentum": 1.0}, r"`base_momentum` must be in \[0, 1\), got 1.0"),

@@ -79,10 +79,16 @@ def test_foreach_equals_loop_reference(mode):
         check = torch.equal if exact else (lambda u, v: torch.allclose(u, v, rtol=1e-3, atol=0))
         assert check(s, t)
         assert (s.grad is None) == (t.grad is None) and (s.grad is None or check(s.grad, t.grad))
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(0)  # the same draws again: the values before the decay
     originals = [torch.randn(s, generator=g).to(d) for s, d in zip(shapes, dtypes)]
+    grads = [torch.randn(s, generator=g).to(d) for s, d in zip(shapes, dtypes)]
     assert torch.equal(a[1], originals[1])  # no grad: untouched
-    assert not torch.equal(a[0] if mode != "l2" else a[0].grad, originals[0] if mode != "l2" else a[0].grad - 0.3 * a[0])
+    for i in (0, 2):  # the formula itself, on the fp32 tensors that had a gradient
+        if mode == "l2":
+            assert torch.equal(a[i], originals[i]) and torch.allclose(a[i].grad, grads[i] + c * originals[i])
+        else:
+            assert torch.allclose(a[i], originals[i] * (1 - c)) and torch.equal(a[i].grad, grads[i])
+        assert c > 0 and not torch.equal(a[i], originals[i]) or mode == "l2"
 
 
 def test_apply_modes_math():
