@@ -12,85 +12,89 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from pl_optim.callbacks._base import StepHookCallback, refuse_sharded_strategy
-from pl_optim.callbacks._channel_removal import ChannelRemoval
+from pl_optim.callbacks._channel_removal import RemovalDriver
 from pl_optim.callbacks._schedule_length import derive_total_steps
-from pl_optim.checks import non_negative, positive
+from pl_optim.checks import boolean, fraction, integer, non_negative, optimizer_in_range, positive
+from pl_optim.compression.checkpoint import (
+    compressed_state,
+    plain_state_dict,
+    restore_compressed,
+    to_parametrized,
+)
 from pl_optim.compression.quantizer import (
     attach_quantizers,
     check_init_bits,
+    clean_gradients,
+    place_quantizers,
     quantized_layers,
     quantizer_parameters,
     repair_nonfinite,
     snapshot,
 )
 from pl_optim.compression.report import compression_stats, layer_sizes, plot_series, size_table
-from pl_optim.compression.size import FLOAT_BITS, add_size_grad, compute_size_loss, output_positions
+from pl_optim.compression.size import FLOAT_BITS, OutputPositions, add_size_grad, compute_size_loss
+from pl_optim.compression.surgery import check_optimizer_state_sliceable, match_shapes
 from pl_optim.report import Table
+
+#: Defaults chosen from the measured recipes (docs/self_compression.md, "Defaults and why").
+BITS_LR, EXPONENT_LR, FREEZE_AT = 0.05, 0.01, 0.75
 
 
 class SelfCompression(StepHookCallback):
-    """Self-compressing networks (Cséfalvay & Imber): every output channel of every conv/linear
-    layer gets a learnable bit depth ``b`` and exponent ``e`` (:mod:`pl_optim.compression`), and
-    training minimises ``L_0 + gamma * Q / N`` without touching ``training_step``.
+    """Self-compressing networks (Cséfalvay & Imber): every output channel of every conv/linear layer
+    gets a learnable bit depth ``b`` and exponent ``e`` (:mod:`pl_optim.compression`); training minimises
+    ``L_0 + gamma * Q / N`` (+ ``compute_gamma * C``) without touching ``training_step``, and dead
+    channels are removed during training. This class only decides *when*; the maths is the pure-torch
+    core (``attach_quantizers``, ``add_size_grad``, ``quantizer_param_groups``, ``ChannelRemoval``,
+    ``plain_state_dict``), usable from a raw loop with the same result.
 
-    The weights become ``q(w) = 2^e round(clamp(2^-e w, -2^(b-1), 2^(b-1) - 1))`` (straight-through
-    round); ``Q = sum_layers K * sum_i relu(b_i) * I_alive`` is the size in bits and ``N`` the
-    float weight count. Instead of adding ``gamma Q / N`` to the loss, ``d(gamma Q/N)/db`` is added
-    to ``bits.grad`` in ``on_before_optimizer_step``: once per optimizer step, on unscaled
-    gradients, so it is exact under gradient accumulation and AMP loss scaling (and before
-    gradient clipping, as a loss term would be).
-
-    Quantisers are attached in ``setup`` (before ``configure_optimizers``, so ``self.parameters()``
-    there includes ``bits``/``exponent``). At ``on_fit_start``: if no optimizer holds them they
-    become a new param group of optimizer ``optimizer_index`` (``lr`` or that optimizer's first
-    group's lr, ``weight_decay=0``; exponents in a second group when ``exponent_lr`` is given); if
-    the optimizer already holds them and ``lr`` or ``exponent_lr`` is given they are moved into
-    such groups. A scheduler created in ``configure_optimizers`` does
-    not drive a group added here (its lr stays constant).
-
-    Logs each training epoch ``self_compression/bits_pct`` (% of float bits kept),
-    ``weights_pct``, ``Q``, ``mean_bits/<layer>`` and ``bit_macs_pct`` (``100 C / 32``: % of the
-    float network's bit-MACs); at fit end prints the per-layer table (``rank_zero_info``), keeps
-    it in :attr:`report` (a :class:`~pl_optim.report.Table`: ``print`` it, ``to_dicts()``,
-    ``to_pandas()``) and, with matplotlib, saves a PNG of size vs. epoch. A NaN/inf appearing in ``bits``/``exponent`` after a step is replaced by
-    its previous value, with a warning.
+    * ``setup``: quantisers attached (before ``configure_optimizers``, so ``self.parameters()`` there holds
+      ``bits``/``exponent``).
+    * ``on_fit_start``: ``bits`` at ``lr`` and ``exponent`` at ``exponent_lr`` get param groups of their own
+      in optimizer ``optimizers`` (``weight_decay=0``), unless ``configure_optimizers`` already placed them
+      in groups of their own and neither lr was given. A scheduler built in ``configure_optimizers`` does
+      not drive a group added here (its lr stays constant).
+    * every optimizer step that ran (step ledger): non-finite ``bits``/``exponent`` gradients zeroed, the
+      size gradient added to ``bits.grad`` (unscaled, once per step: exact under accumulation and AMP);
+      after the step non-finite values / optimizer moments repaired (one warning), bits held fixed from
+      ``freeze_at``, dead channels removed every ``removal_interval`` steps.
+    * checkpoints: ``state_dict`` is the plain full-size model (quantised weights, removed channels as
+      zeros) that ``MyModule.load_from_checkpoint`` loads strictly with the same outputs; the latent
+      weights, bits and kept channels are this callback's state, so ``fit(ckpt_path=...)`` resumes exactly.
+    * logs per epoch ``self_compression/bits_pct``, ``weights_pct``, ``Q``, ``mean_bits/<layer>``,
+      ``bit_macs_pct``; one line per epoch with removals; at fit end the per-layer table (:attr:`report`, a
+      :class:`~pl_optim.report.Table`: ``print`` it, ``to_dicts()``, ``to_pandas()``) and a PNG of size vs.
+      epoch.
 
     Args:
-        gamma: weight of the size loss, ``>= 0`` (larger: smaller, less accurate networks).
+        gamma: weight of the size loss, ``>= 0`` (larger: smaller, less accurate networks; 0.25-0.3 keeps
+            ~2.5-3% of the float bits on the measured nets).
         init_bits: initial bit depth of every channel, ``> 0``.
         exclude: qualified names (in ``pl_module.named_modules()``) of layers to keep in float.
-        lr: learning rate of ``bits`` (and of ``exponent`` unless ``exponent_lr`` is given; None:
-            see above).
-        exponent_lr: learning rate of ``exponent`` in a group of its own (None: with ``bits``).
-            With Adam a small one (about the weights' lr) keeps accuracy: ``e`` gets noisy
-            straight-through gradients, and Adam moves it by ~lr per step whatever their size.
-        optimizer_index: the optimizer that receives the new param group.
-        plot_path: where to save the PNG (default ``<default_root_dir>/self_compression_size.png``);
-            ``False`` disables it.
-        remove_channels: remove dead channels during training (``docs/channel_removal.md``):
-            the layers and the optimizer state shrink, checkpoints keep loading, DDP is rebuilt.
+        lr: learning rate of ``bits`` (default 0.05: ~0.05 bit per Adam step, 8 -> ~2 bits in a few hundred
+            steps; 0.5 collapsed accuracy, the optimizer's 1e-3 takes ~8,000 steps).
+        exponent_lr: learning rate of ``exponent`` (default 0.01: ``e`` gets noisy straight-through
+            gradients and Adam moves it by ~lr a step; sharing 0.05 cost ~1 pp).
+        optimizers: index of the optimizer that receives the groups.
+        plot_path: the PNG's path; None: ``<default_root_dir>/self_compression_size.png``; False: no plot.
+        remove_channels: remove dead channels during training (default True: the size then counts live
+            inputs only, the network and its step time shrink; ``docs/channel_removal.md``).
         removal_interval: decide about removal every this many optimizer steps.
         shift_decay: L1 proximal step per decision on the bias / BatchNorm shift of dead channels.
-        freeze_at: fraction in (0, 1) of the training's optimizer steps (the length every pl_optim
-            schedule uses, :func:`~pl_optim.callbacks._schedule_length.derive_total_steps`) after which ``bits``/``exponent`` are held fixed
-            (put back after every optimizer step, no size gradient), so the weights fine-tune on the
-            final quantisation; None: they train to the end.
-        compute_gamma: weight, ``>= 0``, of the compute-weighted size term ``C = sum_l P_l Q_l /
-            sum_l P_l N_l`` (:func:`~pl_optim.compression.size.compute_size_loss`; ``P_l``: output
-            positions per sample, read from the layers' outputs on the first training batch) — the
-            mean bit depth per float multiply-accumulate. It presses on the layers that hold the
-            compute (early, high-resolution convs) where ``gamma`` presses on those that hold the
-            weights; both may be used together. 0: off.
+        freeze_at: fraction in (0, 1) of the training's optimizer steps after which ``bits``/``exponent`` are
+            held fixed so the weights fine-tune on the final quantisation (default 0.75, measured to keep
+            accuracy; not applied, with a warning, when the run length is unbounded); None: train them to the end.
+        compute_gamma: weight, ``>= 0``, of the compute-weighted size term ``C = sum_l P_l Q_l / sum_l P_l N_l``
+            (``P_l``: output positions, read on the first training batch); 0: off.
 
     Raises:
-        ValueError: a bad argument (at construction); at setup, an ``exclude`` name matching no
-            conv/linear layer or a model without one.
+        ValueError: a bad argument (at construction); at setup, an ``exclude`` name matching no conv/linear
+            layer or a model without one; at fit start, ``optimizers`` out of range.
 
     Example::
 
-        trainer = Trainer(callbacks=[SelfCompression(gamma=0.3, lr=0.05, exponent_lr=0.01)])
-        model = DigitsConvNet()
-        trainer.fit(model, datamodule=DigitsDataModule())
+        trainer = Trainer(max_epochs=40, callbacks=[SelfCompression(gamma=0.25)])
+        trainer.fit(model, datamodule=dm)
         small = pl_optim.compression.export_compressed(model.net)
     """
 
@@ -101,60 +105,67 @@ class SelfCompression(StepHookCallback):
         exclude: Iterable[str] = (),
         lr: float | None = None,
         exponent_lr: float | None = None,
-        optimizer_index: int = 0,
+        optimizers: int = 0,
         plot_path: str | Path | bool | None = None,
-        remove_channels: bool = False,
+        remove_channels: bool = True,
         removal_interval: int = 1,
         shift_decay: float = 1e-3,
-        freeze_at: float | None = None,
+        freeze_at: float | None = FREEZE_AT,
         compute_gamma: float = 0.0,
     ) -> None:
-        gamma = non_negative("gamma", gamma)
+        self.gamma = float(non_negative("gamma", gamma))
         self.compute_gamma = float(non_negative("compute_gamma", compute_gamma))
         self.init_bits = check_init_bits(init_bits)
-        if isinstance(exclude, str):
-            exclude = [exclude]
-        self.exclude = list(exclude)
+        self.exclude = [exclude] if isinstance(exclude, str) else list(exclude)
         if not all(isinstance(x, str) for x in self.exclude):
             raise ValueError(f"`exclude` must be layer names (strings), got {self.exclude!r}")
-        positive("lr", lr, allow_none=True)
-        positive("exponent_lr", exponent_lr, allow_none=True)
-        if freeze_at is not None and (
-            isinstance(freeze_at, bool) or not isinstance(freeze_at, (int, float)) or not 0 < freeze_at < 1
-        ):
-            raise ValueError(f"`freeze_at` must be in (0, 1) or None, got {freeze_at!r}")
-        self.freeze_at = freeze_at
+        self.lr = positive("lr", lr, allow_none=True)
+        self.exponent_lr = positive("exponent_lr", exponent_lr, allow_none=True)
+        self.freeze_at = fraction("freeze_at", freeze_at, allow_none=True)
         self._freeze_step: float = math.inf
-        if isinstance(optimizer_index, bool) or not isinstance(optimizer_index, int) or optimizer_index < 0:
-            raise ValueError(f"`optimizer_index` must be an integer >= 0, got {optimizer_index!r}")
-        self.gamma = float(gamma)
-        self.lr = lr
-        self.exponent_lr = exponent_lr
-        self.optimizer_index = optimizer_index
+        self.optimizers = integer("optimizers", optimizers, minimum=0)
         self.plot_path = plot_path
         self.history: list[dict[str, float]] = []
         self.report: Table = Table([])
-        self._groups: list[tuple[dict, float | None]] = []
+        self.channels: list[dict[str, Any]] = []
+        self.repaired = 0
+        self._groups: list[tuple[dict, float]] = []
         self._saved: list[torch.Tensor] = []
         self._frozen = False
+        self._module: LightningModule | None = None
+        self._load_hook = None
+        self._recorder: OutputPositions | None = None
         self.plot: Path | None = None
-        if not isinstance(remove_channels, bool):
-            raise ValueError(f"`remove_channels` must be True or False, got {remove_channels!r}")
-        removal = ChannelRemoval(removal_interval, shift_decay)
-        self.removal: ChannelRemoval | None = removal if remove_channels else None
-        self.channels: list[dict[str, Any]] = []
-        self.positions: dict[str, int] = {}
-        self._position_hooks: list = []
+        removal = RemovalDriver(removal_interval, shift_decay)
+        self.removal: RemovalDriver | None = removal if boolean("remove_channels", remove_channels) else None
 
-    # --- attach ----------------------------------------------------------------------------
+    @property
+    def positions(self) -> dict[str, int]:
+        """Layer -> output positions per sample, read on the first training batch (``compute_gamma``)."""
+        return self._recorder.positions if self._recorder is not None else {}
+
+    # --- attach ----------------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         refuse_sharded_strategy(trainer, "SelfCompression")
         attach_quantizers(pl_module, exclude=self.exclude, init_bits=self.init_bits)
+        self._module = pl_module
+        if self._load_hook is not None:
+            self._load_hook.remove()
+        self._load_hook = pl_module.register_load_state_dict_pre_hook(self._adapt_loaded)
         if self.removal is not None:
-            self.removal.setup(trainer, pl_module, stage)
+            self.removal.setup(pl_module, stage)
+
+    @staticmethod
+    def _adapt_loaded(module, state_dict, prefix, *args) -> None:
+        """Checkpoints hold the plain full-size model (quantised layout in earlier versions): convert."""
+        if any("parametrizations.weight." in k for k in state_dict):
+            match_shapes(module, state_dict, prefix)  # earlier format: quantised layout, shrunk shapes
+        else:
+            to_parametrized(module, state_dict, prefix)  # raises clearly for an already-shrunk model
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._remove_position_hooks()
+        if self._recorder is not None:
+            self._recorder.remove()
         super().teardown(trainer, pl_module, stage)
         if self.removal is not None:
             self.removal.teardown()
@@ -166,106 +177,65 @@ class SelfCompression(StepHookCallback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
         self._groups = self._place_parameters(trainer, pl_module)
+        if self.removal is not None:  # an optimizer state the surgery cannot slice: refused now, not mid-training
+            check_optimizer_state_sliceable(trainer.optimizers)
 
-    def _place_parameters(self, trainer: Trainer, pl_module: LightningModule) -> list[tuple[dict, float | None]]:
-        params = quantizer_parameters(pl_module)
-        ids = {id(p) for p in params}
-        holders = {i for i, opt in enumerate(trainer.optimizers) for g in opt.param_groups for p in g["params"] if id(p) in ids}
-        held = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]} & ids
-        if held and held != ids or len(holders) > 1:
-            raise RuntimeError(
-                "configure_optimizers put only some of the quantiser parameters (bits/exponent) into optimizers; "
-                "supported: all of them in one optimizer, or none (SelfCompression then adds them)"
-            )
-        if held and self.lr is None and self.exponent_lr is None:
-            return []
-        index = holders.pop() if held else self.optimizer_index
-        if index >= len(trainer.optimizers):
-            raise ValueError(f"`optimizer_index` {index} is out of range: the trainer has {len(trainer.optimizers)} optimizer(s)")
-        opt = trainer.optimizers[index]
-        if isinstance(opt, torch.optim.LBFGS):
-            raise ValueError(
-                "SelfCompression adds param groups for the bit depths/exponents, but LBFGS supports exactly one "
-                "param group; put the quantiser parameters into the LBFGS group yourself (configure_optimizers: "
-                "torch.optim.LBFGS(self.parameters())) and leave `lr`/`exponent_lr` at None, or use another optimizer"
-            )
-        for group in opt.param_groups:
-            group["params"] = [p for p in group["params"] if id(p) not in ids]
-        lr = self.lr if self.lr is not None else opt.param_groups[0]["lr"]
-        split = [(params[0::2], lr, self.lr), (params[1::2], self.exponent_lr, self.exponent_lr)]
-        groups = [(params, lr, self.lr)] if self.exponent_lr is None else split
-        for group_params, group_lr, _ in groups:
-            opt.add_param_group({"params": group_params, "lr": group_lr, "weight_decay": 0.0})
-        return [(opt.param_groups[i - len(groups)], fixed) for i, (_, _, fixed) in enumerate(groups)]
+    def _place_parameters(self, trainer: Trainer, pl_module: LightningModule) -> list[tuple[dict, float]]:
+        index = optimizer_in_range("optimizers", self.optimizers, len(trainer.optimizers))
+        return place_quantizers(trainer.optimizers, pl_module, index, self.lr, self.exponent_lr, BITS_LR, EXPONENT_LR)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
+        self._freeze_step = math.inf
         if self.freeze_at is not None:
             try:
-                total = derive_total_steps(trainer, len(trainer.optimizers))
-            except ValueError as err:
-                raise ValueError(f"`freeze_at` needs a finite training length: {err}") from None
-            self._freeze_step = math.ceil(self.freeze_at * total)
+                self._freeze_step = math.ceil(self.freeze_at * derive_total_steps(trainer, len(trainer.optimizers)))
+            except ValueError as err:  # the default must not break unbounded runs: warn, don't freeze
+                rank_zero_warn(f"SelfCompression: `freeze_at` needs a finite training length ({err}); "
+                               "the bits are not frozen in this run")
         for group, lr in self._groups:
-            if lr is not None:
-                group["lr"] = lr  # the configured lr wins over a restored optimizer state
-        self._record_positions(pl_module)
+            group["lr"] = lr  # the configured lr wins over a restored optimizer state
+        if self._recorder is not None:
+            self._recorder.remove()
+        self._recorder = OutputPositions(pl_module)  # the next forward (the first batch; after a resume, again)
 
-    def _record_positions(self, pl_module: LightningModule) -> None:
-        """Forward hooks that read every quantised layer's output positions on the next forward
-        (the first training batch; after a resume, again) and are removed at the first step."""
-        self._remove_position_hooks()
-        self.positions = {}
-
-        def record(module, args, output, name) -> None:  # returns None: the output is unchanged
-            if torch.is_tensor(output):
-                self.positions.setdefault(name, output_positions(module, output))
-
-        self._position_hooks = [
-            layer.register_forward_hook(lambda m, a, y, n=name: record(m, a, y, n))
-            for name, (layer, _) in quantized_layers(pl_module).items()
-        ]
-
-    def _remove_position_hooks(self) -> None:
-        for h in self._position_hooks:
-            h.remove()
-        self._position_hooks = []
-
-    # --- every optimizer step ----------------------------------------------------------------
+    # --- every optimizer step ----------------------------------------------------------------------
     def before_step(self, trainer: Trainer, index: int, optimizer: torch.optim.Optimizer) -> None:
         # The ledger calls this once the step's gradients exist (unscaled under GradScaler) and only
         # for steps that update something: the size gradient is added exactly once per real step.
         pl_module = trainer.lightning_module
         self._frozen = self.position(index) >= self._freeze_step
         self._saved = snapshot(pl_module)
-        if self._position_hooks and self.positions:
-            self._remove_position_hooks()
-            if self.compute_gamma:
-                missing = sorted(set(quantized_layers(pl_module)) - set(self.positions))
-                if missing:
-                    rank_zero_warn(f"SelfCompression: layer(s) {missing} did not run in the first forward; "
-                                   "`compute_gamma` does not press on them")
+        self._repair_count(clean_gradients(pl_module), trainer)
+        if self._recorder is not None and self._recorder.active and self._recorder.positions:
+            self._recorder.remove()
+            if self.compute_gamma and self._recorder.missing:
+                rank_zero_warn(f"SelfCompression: layer(s) {self._recorder.missing} did not run in the first "
+                               "forward; `compute_gamma` does not press on them")
         bits = {id(p) for p in quantizer_parameters(pl_module)}
         if self._frozen or not any(id(p) in bits for g in optimizer.param_groups for p in g["params"]):
             return
         if not add_size_grad(pl_module, self.gamma, self.compute_gamma, self.positions):
-            rank_zero_warn("SelfCompression: non-finite bits or gradient; the size gradient was skipped this step")
+            rank_zero_warn("SelfCompression: non-finite bits; the size gradient was skipped this step")
 
     def after_step(self, trainer: Trainer, index: int, optimizer: torch.optim.Optimizer) -> None:
+        pl_module = trainer.lightning_module
         if self._frozen:  # hold bits/exponents at their values from the freeze step on
             with torch.no_grad():
-                for p, old in zip(quantizer_parameters(trainer.lightning_module), self._saved):
+                for p, old in zip(quantizer_parameters(pl_module), self._saved):
                     p.copy_(old)
-        repaired = repair_nonfinite(trainer.lightning_module, self._saved)
-        if repaired:
-            rank_zero_warn(
-                f"SelfCompression: {repaired} bits/exponent value(s) became NaN/inf in optimizer step "
-                f"{trainer.global_step}; kept their previous values"
-            )
+        self._repair_count(repair_nonfinite(pl_module, self._saved, trainer.optimizers), trainer)
         if self.removal is not None and index == len(trainer.optimizers) - 1:
-            self.removal.after_step(trainer, trainer.lightning_module, repaired, self.position(index))
+            self.removal.after_step(trainer, self.position(index))
 
-    # --- logging and report ------------------------------------------------------------------
+    def _repair_count(self, n: int, trainer: Trainer) -> None:
+        if n and not self.repaired:
+            rank_zero_warn(f"SelfCompression: {n} non-finite bits/exponent value(s), gradient(s) or optimizer "
+                           f"moment(s) at optimizer step {trainer.global_step} were repaired (values kept, moments "
+                           "and gradients zeroed); training goes on, later repairs are counted in `repaired`")
+        self.repaired += n
+
+    # --- logging and report ------------------------------------------------------------------------
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         stats = compression_stats(pl_module)
         stats.pop("N")
@@ -276,13 +246,15 @@ class SelfCompression(StepHookCallback):
         self.history.append(
             {"epoch": float(trainer.current_epoch), **{k: float(stats[k]) for k in ("Q", "bits_pct", "weights_pct")}}
         )
+        if self.removal is not None:
+            self.removal.epoch_summary(trainer.current_epoch)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         rows = layer_sizes(pl_module)
         self.report = size_table(rows, title="SelfCompression report:")
         rank_zero_info(str(self.report))
         if self.removal is not None:
-            self.channels = self.removal.channel_report(pl_module)
+            self.channels = self.removal.channel_report()
             rank_zero_info("SelfCompression channels (before -> after): " + ", ".join(
                 f"{c['layer']} {c['channels_before']} -> {c['channels_after']}" for c in self.channels))
         if self.plot_path is not False and self.history and trainer.is_global_zero:
@@ -291,8 +263,19 @@ class SelfCompression(StepHookCallback):
             series = {"% float bits": [h["bits_pct"] for h in self.history], "% weights": [h["weights_pct"] for h in self.history]}
             self.plot = plot_series(path, epochs, series, "epoch", "% kept", "SelfCompression: size vs. epoch")
 
+    # --- checkpoints ---------------------------------------------------------------------------------
+    def _kept(self) -> tuple[dict, dict | None]:
+        core = self.removal.core if self.removal is not None else None
+        return (core.kept, core.full) if core is not None else ({}, None)
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        kept, full = self._kept()
+        checkpoint["state_dict"] = plain_state_dict(pl_module, kept, full)  # what MyModule loads, strictly
+
     def state_dict(self) -> dict[str, Any]:
-        state = {"history": [dict(h) for h in self.history], "steps": self.step_positions()}
+        state: dict[str, Any] = {"history": [dict(h) for h in self.history], "steps": self.step_positions()}
+        if self._module is not None and quantized_layers(self._module):
+            state["compressed"] = compressed_state(self._module, self._kept()[0])
         if self.removal is not None:
             state["channel_removal"] = self.removal.state_dict()
         return state
@@ -303,3 +286,5 @@ class SelfCompression(StepHookCallback):
             self.load_step_positions(state_dict["steps"])
         if self.removal is not None and "channel_removal" in state_dict:
             self.removal.load_state_dict(state_dict["channel_removal"])
+        if self._module is not None and "compressed" in state_dict:  # after Lightning loaded the plain model
+            restore_compressed(self._module, state_dict["compressed"])

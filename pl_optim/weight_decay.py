@@ -250,6 +250,7 @@ class DecoupledDecay:
         self.lambdas: list[float] = []
         self.lr_refs: list[float | None] = []
         self.last_coefficients: list[float] = []
+        self._pending: dict[int, tuple[float, float | None]] = {}  # compress_core: saved groups not added yet
         self._adopt_new_groups()
 
     # -- groups ---------------------------------------------------------------------------
@@ -259,6 +260,13 @@ class DecoupledDecay:
         for index in range(len(self.lambdas), len(self.optimizer.param_groups)):
             group = self.optimizer.param_groups[index]
             own = group.get("weight_decay", 0.0)
+            if index in self._pending:  # a group a checkpoint holds, added again after load_state_dict
+                lam, ref = self._pending.pop(index)
+                self.lambdas.append(lam)
+                self.lr_refs.append(ref)
+                self.last_coefficients.append(0.0)
+                group["weight_decay"] = lam
+                continue
             if self.from_optimizer:
                 lam = check_weight_decay(own, f"param_groups[{index}]['weight_decay']")
             else:
@@ -342,9 +350,13 @@ class DecoupledDecay:
         return {"lambdas": list(self.lambdas), "lr_refs": list(self.lr_refs)}
 
     def load_state_dict(self, state: dict[str, list]) -> None:
-        n = len(state["lambdas"])
-        self.lambdas[:n] = [float(x) for x in state["lambdas"]]
-        self.lr_refs[:n] = [None if x is None else float(x) for x in state["lr_refs"]]
+        """Restore :meth:`state_dict`; entries for groups not added yet (added later in the run, e.g. by
+        ``SelfCompression`` at fit start) are kept and applied when those groups appear."""
+        lambdas = [float(x) for x in state["lambdas"]]
+        refs = [None if x is None else float(x) for x in state["lr_refs"]]
+        n = min(len(lambdas), len(self.lambdas))
+        self.lambdas[:n], self.lr_refs[:n] = lambdas[:n], refs[:n]
+        self._pending = {i: (lambdas[i], refs[i]) for i in range(n, len(lambdas))}
 
 
 def check_lr_ref(lr_ref: object) -> float | list[float] | None:

@@ -41,8 +41,8 @@ from examples.compress_digits import DEFAULTS, CompressibleDigitsConvNet, _accur
 from examples.data import DigitsDataModule
 from examples.models import ResNet9
 from pl_optim.callbacks import SelfCompression
-from pl_optim.callbacks._channel_removal import ChannelRemoval
-from pl_optim.compression import attach_quantizers, compression_stats, export_compressed
+from pl_optim.callbacks._channel_removal import RemovalDriver
+from pl_optim.compression import attach_quantizers, compression_stats, dead_producers, export_compressed
 from pl_optim.compression.graph import ChannelGraph
 from pl_optim.compression.inference import simplify_for_inference
 from pl_optim.compression.size import add_size_grad
@@ -80,16 +80,16 @@ class EpochClock(Callback):
 
 def _time_removals(monkey: list) -> None:
     """Record the wall time of every removal decision (graph build, removal event, plain decision)."""
-    original = ChannelRemoval.after_step
+    original = RemovalDriver.after_step
 
-    def timed(self, trainer, pl_module, repaired, step):
-        had_graph, events = self.graph is not None, len(self.events)
+    def timed(self, trainer, step):
+        had_graph, events = self.core.traced, len(self.core.events)
         start = CLOCK()
-        original(self, trainer, pl_module, repaired, step)
-        kind = "trace" if not had_graph and self.graph is not None else "event" if len(self.events) > events else "decide"
+        original(self, trainer, step)
+        kind = "trace" if not had_graph and self.core.traced else "event" if len(self.core.events) > events else "decide"
         monkey.append((kind, CLOCK() - start))
 
-    ChannelRemoval.after_step = timed
+    RemovalDriver.after_step = timed
 
 
 def _inputs(dm: DigitsDataModule, batch: int) -> torch.Tensor:
@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"gamma={args.gamma:g}, compute_gamma={args.compute_gamma:g}, shift_decay={args.shift_decay:g}, freeze_at={args.freeze_at}, {args.epochs} epochs, removal every "
             f"{args.interval} step(s), seed {args.seed}")
     print(what)
-    dead = ChannelRemoval.dead(comp["model"])
+    dead = dead_producers(comp["model"])
     print("channels (before -> after, dead but still there): " + ", ".join(
         f"{c['layer']} {c['channels_before']}->{c['channels_after']} ({int(dead[c['layer']].sum())})"
         for c in cb.channels if c["layer"] in dead))

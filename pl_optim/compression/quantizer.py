@@ -24,7 +24,7 @@ optimizer built before or after attaching sees the same tensor, and any code tha
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -202,26 +202,148 @@ def quantizer_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for _, q in quantized_layers(model).values() for p in (q.bits, q.exponent)]
 
 
+def weight_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every parameter of ``model`` that is not a quantiser's ``bits``/``exponent`` (the optimizer's
+    ordinary group, next to :func:`quantizer_param_groups`)."""
+    ids = {id(p) for p in quantizer_parameters(model)}
+    return [p for p in model.parameters() if id(p) not in ids]
+
+
 def snapshot(model: nn.Module) -> list[torch.Tensor]:
     """Copies of every ``bits``/``exponent`` tensor (see :func:`repair_nonfinite`)."""
     return [p.detach().clone() for p in quantizer_parameters(model)]
 
 
-def repair_nonfinite(model: nn.Module, previous: list[torch.Tensor]) -> int:
-    """Put back the previous value of every NaN/inf entry of ``bits``/``exponent``.
+def _optimizer_entries(params: list[torch.Tensor], optimizers: Iterable[torch.optim.Optimizer]):
+    for opt in optimizers:
+        for p in params:
+            for key, value in opt.state.get(p, {}).items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.dim() > 0:
+                    yield opt, p, key, value
+
+
+def repair_nonfinite(
+    model: nn.Module, previous: list[torch.Tensor], optimizers: Iterable[torch.optim.Optimizer] = ()
+) -> int:
+    """Put back the previous value of every NaN/inf entry of ``bits``/``exponent``, and zero every
+    NaN/inf entry of the optimizers' state tensors of those parameters (momentum buffers, Adam moments):
+    a NaN left in a moment would turn the parameter NaN again at every later step.
 
     Args:
         model: the network.
         previous: :func:`snapshot` taken before the update.
+        optimizers: the optimizers holding the quantiser parameters.
 
     Returns:
-        The number of entries repaired (0 when everything is finite).
+        The number of entries repaired, parameters and optimizer state together (0 when all finite).
     """
     repaired = 0
+    params = quantizer_parameters(model)
     with torch.no_grad():
-        for p, old in zip(quantizer_parameters(model), previous):
+        for p, old in zip(params, previous):
             bad = ~torch.isfinite(p)
             if bad.any() and old.shape == p.shape:
                 p[bad] = old[bad]
                 repaired += int(bad.sum())
+        for _, _, _, value in _optimizer_entries(params, optimizers):
+            bad = ~torch.isfinite(value)
+            if bad.any():
+                value[bad] = 0
+                repaired += int(bad.sum())
     return repaired
+
+
+def clean_gradients(model: nn.Module) -> int:
+    """Zero every NaN/inf entry of the ``bits``/``exponent`` gradients (before the optimizer step, so the
+    optimizer's moments stay finite); returns how many entries were zeroed."""
+    cleaned = 0
+    with torch.no_grad():
+        for p in quantizer_parameters(model):
+            if p.grad is not None:
+                bad = ~torch.isfinite(p.grad)
+                if bad.any():
+                    p.grad[bad] = 0
+                    cleaned += int(bad.sum())
+    return cleaned
+
+
+def quantizer_param_groups(
+    model: nn.Module, lr: float, exponent_lr: float | None = None, weight_decay: float = 0.0
+) -> list[dict]:
+    """Param groups (dicts for ``torch.optim`` constructors or ``add_param_group``) of the quantiser
+    parameters: ``bits`` and ``exponent`` in one group at ``lr``, or -- with ``exponent_lr`` -- the
+    bits at ``lr`` and the exponents at ``exponent_lr`` in a second group. ``weight_decay`` 0: decay
+    would pull the bit depths towards 0 outside the size loss.
+
+    Example::
+
+        attach_quantizers(net)
+        opt = torch.optim.AdamW([{"params": weight_parameters(net)}, *quantizer_param_groups(net, 0.05, 0.01)], lr=3e-3)
+
+    Raises:
+        ValueError: ``lr`` or ``exponent_lr`` is not a positive number; ``model`` has no quantiser.
+    """
+    positive("lr", lr)
+    positive("exponent_lr", exponent_lr, allow_none=True)
+    params = quantizer_parameters(model)
+    if not params:
+        raise ValueError(f"the model ({type(model).__name__}) has no quantiser; call attach_quantizers first")
+    if exponent_lr is None:
+        return [{"params": params, "lr": lr, "weight_decay": weight_decay}]
+    return [
+        {"params": params[0::2], "lr": lr, "weight_decay": weight_decay},
+        {"params": params[1::2], "lr": exponent_lr, "weight_decay": weight_decay},
+    ]
+
+
+def move_to_own_groups(
+    optimizer: torch.optim.Optimizer, model: nn.Module, lr: float, exponent_lr: float | None = None
+) -> list[dict]:
+    """Take the quantiser parameters out of ``optimizer``'s groups (where present) and add
+    :func:`quantizer_param_groups` to it; returns the groups added (``optimizer.param_groups`` entries).
+    Their optimizer state, if any, is kept."""
+    groups = quantizer_param_groups(model, lr, exponent_lr)
+    ids = {id(p) for g in groups for p in g["params"]}
+    for group in optimizer.param_groups:
+        group["params"] = [p for p in group["params"] if id(p) not in ids]
+    for group in groups:
+        optimizer.add_param_group(group)
+    return optimizer.param_groups[-len(groups):]
+
+
+def place_quantizers(
+    optimizers: Sequence[torch.optim.Optimizer], model: nn.Module, index: int, lr: float | None = None,
+    exponent_lr: float | None = None, default_lr: float = 0.05, default_exponent_lr: float = 0.01,
+) -> list[tuple[dict, float]]:
+    """Put the quantiser parameters where they train well, respecting a deliberate placement.
+
+    Held in groups of their own (the user's choice) and neither lr given: left alone (returns ``[]``).
+    Otherwise they move into :func:`move_to_own_groups` of the optimizer holding them (``optimizers[index]``
+    when none does), at ``lr`` / ``exponent_lr`` (or the defaults). Returns ``(group, lr)`` per group added.
+
+    Raises:
+        RuntimeError: only some of them are in optimizers, or they are spread over several.
+    """
+    ids = {id(p) for p in quantizer_parameters(model)}
+    holding = [(i, g) for i, opt in enumerate(optimizers) for g in opt.param_groups if any(id(p) in ids for p in g["params"])]
+    held = {id(p) for _, g in holding for p in g["params"]} & ids
+    holders = {i for i, _ in holding}
+    if held and held != ids or len(holders) > 1:
+        raise RuntimeError(
+            "configure_optimizers put only some of the quantiser parameters (bits/exponent) into optimizers; "
+            "supported: all of them in one optimizer, or none (SelfCompression then adds them)"
+        )
+    own = held and all(id(p) in ids for _, g in holding for p in g["params"])
+    target = optimizers[next(iter(holders)) if held else index]
+    if (own or isinstance(target, torch.optim.LBFGS) and held) and lr is None and exponent_lr is None:
+        return []  # a deliberate placement; or LBFGS, which has exactly one group
+    lr = default_lr if lr is None else lr
+    exponent_lr = default_exponent_lr if exponent_lr is None else exponent_lr
+    if isinstance(target, torch.optim.LBFGS):
+        raise ValueError(
+            "SelfCompression adds param groups for the bit depths/exponents, but LBFGS supports exactly one "
+            "param group; put the quantiser parameters into the LBFGS group yourself (configure_optimizers: "
+            "torch.optim.LBFGS(self.parameters())) and leave `lr`/`exponent_lr` at None, or use another optimizer"
+        )
+    groups = move_to_own_groups(target, model, lr, exponent_lr)
+    return list(zip(groups, (lr, exponent_lr)))

@@ -104,6 +104,50 @@ def output_positions(layer: nn.Module, output: torch.Tensor) -> int:
     return output[0, 0].numel()
 
 
+class OutputPositions:
+    """Record ``P_l`` (:func:`output_positions`) of every quantised layer of ``model`` on its next forward
+    (forward hooks; the output is unchanged), for :func:`compute_size_loss` / :func:`add_size_grad`.
+
+    Attributes:
+        positions: layer name -> ``P_l`` (filled by the next forward; empty before).
+
+    Example::
+
+        recorder = OutputPositions(net)
+        net(x0)
+        recorder.remove()
+        add_size_grad(net, gamma, compute_gamma, recorder.positions)
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.positions: dict[str, int] = {}
+        self._names = list(quantized_layers(model))
+        self._handles = [
+            layer.register_forward_hook(lambda m, a, y, n=name: self._record(m, y, n))
+            for name, (layer, _) in quantized_layers(model).items()
+        ]
+
+    def _record(self, module: nn.Module, output, name: str) -> None:
+        if torch.is_tensor(output):
+            self.positions.setdefault(name, output_positions(module, output))
+
+    @property
+    def missing(self) -> list[str]:
+        """Quantised layers that did not run in the forward(s) seen so far."""
+        return sorted(set(self._names) - set(self.positions))
+
+    @property
+    def active(self) -> bool:
+        """Whether the hooks are still registered."""
+        return bool(self._handles)
+
+    def remove(self) -> None:
+        """Remove the hooks (the positions stay)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
 def compute_size_loss(model: nn.Module, gamma: float, positions: Mapping[str, int]) -> torch.Tensor:
     """``gamma * sum_l P_l Q_l / sum_l P_l N_l`` over the quantised layers named in ``positions``
     (layer name -> ``P_l``, see :func:`output_positions`); differentiable in ``bits``."""

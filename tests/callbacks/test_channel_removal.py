@@ -17,9 +17,7 @@ from torch.nn.utils import parametrize
 
 from examples.tiny import RandomClassificationData, TinyConvNet
 from pl_optim.callbacks import SelfCompression, load_compressed
-from pl_optim.callbacks._channel_removal import ChannelRemoval
-from pl_optim.compression import attach_quantizers, quantized_layers
-from pl_optim.compression.quantizer import dead_channels
+from pl_optim.compression import attach_quantizers, dead_channels, dead_producers, quantized_layers
 from pl_optim.compression.surgery import ChannelRemover
 
 X = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(3))
@@ -30,7 +28,7 @@ def _data():
 
 
 def _shrinking(**kw):
-    return SelfCompression(20.0, init_bits=2, lr=0.2, remove_channels=True, shift_decay=0.05, **kw)
+    return SelfCompression(20.0, init_bits=2, lr=0.2, shift_decay=0.05, **{"remove_channels": True, **kw})
 
 
 def test_every_removal_preserves_outputs(trainer_kwargs, monkeypatch, tmp_path):
@@ -59,7 +57,7 @@ def test_every_removal_preserves_outputs(trainer_kwargs, monkeypatch, tmp_path):
         assert removed and all(n > 0 for n in removed.values())
         torch.testing.assert_close(eval1, eval0, atol=1e-5, rtol=0)
         torch.testing.assert_close(train1, train0, atol=1e-5, rtol=0)
-    events = callback.removal.events
+    events = callback.removal.core.events
     assert events and all(isinstance(s, int) and n > 0 for s, _, n in events)
     report = {c["layer"]: c for c in callback.channels}
     assert report["net.0.0"]["channels_before"] == 8
@@ -90,15 +88,14 @@ def test_same_result_as_removing_at_the_end(trainer_kwargs, optimizer):
         pl.seed_everything(0)
         opt = dict(optimizer="adamw", weight_decay=0.01) if optimizer == "adamw_amsgrad" else dict(optimizer=optimizer)
         model = AmsgradTiny(amsgrad=optimizer == "adamw_amsgrad", lr=0.05, **opt)
-        callback = SelfCompression(0.0, init_bits=4, remove_channels=True, shift_decay=0.05)
-        if not during:
-            callback.removal.atol = -1.0  # decide and shrink constants, but never remove
-        trainer = pl.Trainer(max_steps=12, callbacks=[DeadFromStart(), callback], **trainer_kwargs)
+        callback = SelfCompression(0.0, init_bits=4, remove_channels=True, shift_decay=0.05, freeze_at=None)
+        trainer = pl.Trainer(max_steps=12, callbacks=[DeadFromStart(), callback, *([] if during else [NeverRemove()])],
+                             **trainer_kwargs)
         trainer.fit(model, datamodule=_data())
-        removal = callback.removal
+        removal = callback.removal.core
         if not during:
             assert not removal.events
-            removal.remover.remove(removal.graph.removable(removal.dead(model), 1e-6))
+            removal.apply(removal.graph.removable(removal.dead(), 1e-6))
         else:
             assert removal.events and removal.events[0][0] == 1
         model.eval()
@@ -108,6 +105,13 @@ def test_same_result_as_removing_at_the_end(trainer_kwargs, optimizer):
     torch.testing.assert_close(a(X), b(X), atol=1e-5, rtol=1e-4)
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(pa, pb, atol=1e-5, rtol=1e-4, msg=name)
+
+
+class NeverRemove(Callback):
+    """Decide and shrink constants, but never remove (a negative tolerance)."""
+
+    def on_fit_start(self, trainer, pl_module):
+        next(c for c in trainer.callbacks if isinstance(c, SelfCompression)).removal.core.atol = -1.0
 
 
 class AmsgradTiny(TinyConvNet):
@@ -123,54 +127,78 @@ class AmsgradTiny(TinyConvNet):
         return opt
 
 
-def test_checkpoint_resume_is_bit_identical_and_loads_for_inference(trainer_kwargs, tmp_path):
+def _outputs(model):
+    model.eval()
+    with torch.no_grad():
+        out = model(X)
+    model.train()
+    with torch.no_grad():
+        return out, copy.deepcopy(model)(X)
+
+
+@pytest.mark.parametrize("remove", [True, False], ids=["removal", "no-removal"])
+def test_checkpoints_load_into_the_plain_model_and_resume_exactly(trainer_kwargs, tmp_path, remove):
     kw = {**trainer_kwargs, "enable_checkpointing": True, "limit_val_batches": 0}
     pl.seed_everything(0)
     full = TinyConvNet(optimizer="adam", lr=0.05)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
-    cb_full = _shrinking(compute_gamma=5.0)  # its positions are read again on the first batch after resume
+    cb_full = _shrinking(compute_gamma=5.0, remove_channels=remove)  # positions are read again after resume
     pl.Trainer(max_epochs=3, callbacks=[cb_full, ckpt], **kw).fit(full, datamodule=_data())
-    assert cb_full.removal.events and cb_full.removal.events[0][0] <= 16  # removal before the epoch-1 checkpoint
-    epoch1 = tmp_path / "ckpt" / "epoch=1.ckpt"
-    saved = torch.load(epoch1, weights_only=False)
-    assert saved["state_dict"]["net.0.0.parametrizations.weight.original"].shape[0] < 8
+    events = cb_full.removal.core.events if remove else []
+    assert bool(events) == remove and (not remove or events[0][0] <= 16)  # removal before the epoch-1 checkpoint
+    epoch1, last = tmp_path / "ckpt" / "epoch=1.ckpt", tmp_path / "ckpt" / "epoch=2.ckpt"
 
+    # 1. the checkpoint's state_dict is the user's unmodified full-size model: strict load, same outputs
+    plain = TinyConvNet.load_from_checkpoint(last)
+    assert plain.state_dict().keys() == TinyConvNet().state_dict().keys()
+    assert not quantized_layers(plain) and plain.net[0][0].out_channels == 8
+    for got, want in zip(_outputs(plain), _outputs(full)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    if remove:  # removed channels are exact zeros
+        kept = cb_full.removal.core.kept["net.0.0"]["out"]
+        gone = sorted(set(range(8)) - set(kept.tolist()))
+        assert gone and (plain.net[0][0].weight[gone] == 0).all() and (plain.net[0][1].bias[gone] == 0).all()
+
+    # 2. validate / test with ckpt_path and without the callback
+    for run in ("validate", "test"):
+        fresh = TinyConvNet(optimizer="adam", lr=0.05)
+        trainer = pl.Trainer(**{**kw, "limit_val_batches": None, "enable_checkpointing": False})
+        if run == "test":
+            fresh.test_step = fresh.validation_step
+            fresh.test_dataloader = _data().val_dataloader
+            trainer.test(fresh, ckpt_path=last)
+        else:
+            trainer.validate(fresh, datamodule=_data(), ckpt_path=last)
+        torch.testing.assert_close(_outputs(fresh)[0], _outputs(full)[0], rtol=0, atol=1e-6)
+
+    # 3. resume with the callback: bit-identical to the uninterrupted run, shapes included
     pl.seed_everything(0)
     resumed = TinyConvNet(optimizer="adam", lr=0.05)  # freshly built, full size
-    cb_res = _shrinking(compute_gamma=5.0)
+    cb_res = _shrinking(compute_gamma=5.0, remove_channels=remove)
     pl.Trainer(max_epochs=3, callbacks=[cb_res], **kw).fit(resumed, datamodule=_data(), ckpt_path=epoch1)
     assert resumed.state_dict().keys() == full.state_dict().keys()
     for key, value in full.state_dict().items():
         assert torch.equal(resumed.state_dict()[key], value), key
-    assert cb_res.removal.events == cb_full.removal.events
-    assert {k: {d: v.tolist() for d, v in e.items()} for k, e in cb_res.removal.kept.items()} == {
-        k: {d: v.tolist() for d, v in e.items()} for k, e in cb_full.removal.kept.items()
-    }
+    if remove:
+        assert cb_res.removal.core.events == cb_full.removal.core.events
+        assert {k: {d: v.tolist() for d, v in e.items()} for k, e in cb_res.removal.core.kept.items()} == {
+            k: {d: v.tolist() for d, v in e.items()} for k, e in cb_full.removal.core.kept.items()
+        }
 
-    last = tmp_path / "ckpt" / "epoch=2.ckpt"
-    validated = TinyConvNet(optimizer="adam", lr=0.05)  # validate(ckpt_path) with the callback loads too
-    kw_val = {**kw, "limit_val_batches": None, "enable_checkpointing": False}
-    pl.Trainer(callbacks=[cb_full], **kw_val).validate(validated, datamodule=_data(), ckpt_path=last)
-    assert validated.net[0][0].out_channels == full.net[0][0].out_channels < 8
-    assert cb_full.removal.original["net.0.0"] == 8  # validating did not restart the size record
-    with pytest.raises(RuntimeError):
-        TinyConvNet.load_from_checkpoint(last)  # full-size float model: keys and shapes differ
+    # 4. validate(ckpt_path) with the callback gives the trained (quantised, shrunk) network back
+    validated = TinyConvNet(optimizer="adam", lr=0.05)
+    pl.Trainer(callbacks=[cb_full], **{**kw, "limit_val_batches": None, "enable_checkpointing": False}).validate(
+        validated, datamodule=_data(), ckpt_path=last)
+    assert validated.net[0][0].out_channels == full.net[0][0].out_channels
+    for key, value in full.state_dict().items():
+        assert torch.equal(validated.state_dict()[key], value), key
+
+    # 5. load_compressed: the genuinely smaller quantised network, bit-identical outputs
     loaded = load_compressed(TinyConvNet, str(last))
-    assert type(loaded) is TinyConvNet
-    full.eval()
-    loaded.eval()
-    torch.testing.assert_close(loaded(X), full(X), rtol=0, atol=0)
-
-
-def test_non_finite_loss_skips_removal():
-    removal = ChannelRemoval()
-    removal.on_before_backward(torch.tensor(float("nan")))
-    trainer = SimpleNamespace(global_step=3, strategy=None, world_size=1)
-    with pytest.warns(UserWarning, match="no channel removal this step"):
-        removal.after_step(trainer, None, repaired=0, step=4)
-    assert removal.graph is None and not removal.events
-    with pytest.warns(UserWarning, match="no channel removal this step"):
-        removal.after_step(trainer, None, repaired=2, step=5)
+    assert type(loaded) is TinyConvNet and quantized_layers(loaded)
+    assert (loaded.net[0][0].out_channels < 8) == remove
+    for got, want in zip(_outputs(loaded), _outputs(full)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(
@@ -201,9 +229,9 @@ def test_unsupported_pattern_warns_once_and_keeps_channels(trainer_kwargs):
     trainer = pl.Trainer(max_steps=24, callbacks=[callback], **trainer_kwargs)
     with pytest.warns(UserWarning, match="keeps the channels involved in") as record:
         trainer.fit(model, datamodule=_data())
-    assert len([w for w in record if "keeps the channels" in str(w.message)]) == len(callback.removal.graph.unsupported) - 1
+    assert len([w for w in record if "keeps the channels" in str(w.message)]) == len(callback.removal.core.unsupported)
     assert model.net[0][0].out_channels == 8  # gated: frozen
-    assert callback.removal.dead(model)["net.0.0"].any()  # although some of its channels died
+    assert callback.removal.core.dead()["net.0.0"].any()  # although some of its channels died
     assert model.net[1][0].out_channels < 8  # the supported part still shrank
 
 
@@ -224,7 +252,7 @@ def test_fp16_skipped_steps_do_not_count_and_removal_works(trainer_kwargs):
     trainer.fit(model, datamodule=_data())
     ran = int(trainer.optimizers[0].state[model.net[4].bias]["step"])  # Adam counts the steps that ran
     assert callback.step_positions() == [ran] and ran < 3 * 8  # GradScaler-skipped steps (the injected inf, too) don't count
-    assert callback.removal.events and model.net[0][0].out_channels < 8
+    assert callback.removal.core.events and model.net[0][0].out_channels < 8
     assert torch.isfinite(model(X)).all()
 
 
@@ -235,7 +263,7 @@ class _Double(torch.nn.Module):
 
 @pytest.mark.parametrize("extra_parametrization", [False, True])
 def test_dead_quantises_only_rule_dead_rows_with_the_same_answer(extra_parametrization):
-    """``ChannelRemoval.dead`` (every decision) quantises only the rows whose bits are <= 0; the answer is
+    """``dead_producers`` (every decision) quantises only the rows whose bits are <= 0; the answer is
     that of the full rule: bits <= 0 AND the layer's actual weight row is exactly 0."""
     torch.manual_seed(0)
     net = TinyConvNet().net
@@ -248,7 +276,23 @@ def test_dead_quantises_only_rule_dead_rows_with_the_same_answer(extra_parametri
         for _, q in layers.values():
             q.bits.copy_(torch.rand(q.bits.shape) * 3 - 1.5)
             q.exponent.add_(torch.randn(q.exponent.shape))
-    got = ChannelRemoval.dead(net)
+    got = dead_producers(net)
     for name, (layer, q) in layers.items():
         want = dead_channels(q) & (layer.weight.detach().flatten(1) == 0).all(1)
         assert torch.equal(got[name], want) and got[name].any(), name
+
+
+def test_one_summary_line_per_epoch_and_events_at_debug(trainer_kwargs, caplog):
+    import logging
+
+    model = TinyConvNet(optimizer="adam", lr=0.05)
+    callback = _shrinking()
+    with caplog.at_level(logging.DEBUG):
+        pl.Trainer(max_epochs=3, callbacks=[callback], **trainer_kwargs).fit(model, datamodule=_data())
+    events = callback.removal.core.events
+    epochs_with_removals = {(step - 1) // 8 for step, _, _ in events}
+    summaries = [r for r in caplog.records if r.levelno == logging.INFO and "removed" in r.getMessage()
+                 and "channel(s)" in r.getMessage()]
+    details = [r for r in caplog.records if r.levelno == logging.DEBUG and "optimizer step" in r.getMessage()]
+    assert events and len(summaries) == len(epochs_with_removals)  # ONE line per epoch with removals
+    assert len(details) == len({step for step, _, _ in events})  # every event, at debug level

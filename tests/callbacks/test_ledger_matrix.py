@@ -229,7 +229,7 @@ class Snapshots(pl.Callback):
             [p.detach().clone() for p in pl_module.parameters()],
             [(x["lr"], x.get("weight_decay"), x.get("amsgrad"), x.get("betas")) for x in g],
             [cb.step_positions() if hasattr(cb, "step_positions") else None for cb in self.watched],
-            [len(getattr(cb, "removal", None).events) if getattr(cb, "removal", None) else 0 for cb in self.watched],
+            [len(cb.removal.core.events) if getattr(cb, "removal", None) and cb.removal.core else 0 for cb in self.watched],
         )
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):

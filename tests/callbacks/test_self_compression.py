@@ -99,24 +99,43 @@ def test_size_gradient_equals_adding_the_loss_term(trainer_kwargs, accumulate, a
     assert any(not torch.allclose(a, c, atol=1e-4) for a, c in zip(callback, no_size))  # gamma had an effect
 
 
-def test_quantiser_params_in_user_optimizer_by_default(trainer_kwargs):
-    model = TinyConvNet(optimizer="sgd", lr=0.1)
+def test_default_groups_for_bits_and_exponents(trainer_kwargs):
+    """``SGD(self.parameters())`` holds bits/exponents among the weights: by default they move into groups
+    of their own at lr 0.05 / 0.01 without weight decay (the optimizer's lr would barely move them)."""
+    model = TinyConvNet(optimizer="sgd", lr=0.1, weight_decay=0.01)
     trainer = _fit(trainer_kwargs, model, SelfCompression(1.0), limit_train_batches=2)
     groups = trainer.optimizers[0].param_groups
-    assert len(groups) == 1
+    assert [g["lr"] for g in groups] == [0.1, 0.05, 0.01] and [g["weight_decay"] for g in groups] == [0.01, 0.0, 0.0]
+    layers = quantized_layers(model).values()
+    assert [id(p) for p in groups[1]["params"]] == [id(q.bits) for _, q in layers]
+    assert [id(p) for p in groups[2]["params"]] == [id(q.exponent) for _, q in layers]
     ids = {id(p) for p in groups[0]["params"]}
-    assert all(id(p) in ids for p in quantizer_parameters(model))
-    # the layer's Parameter object is the one in the optimizer
-    assert id(model.net[0][0].parametrizations.weight.original) in ids
+    assert id(model.net[0][0].parametrizations.weight.original) in ids  # the layer's Parameter object itself
+    assert not ids & {id(p) for p in quantizer_parameters(model)}
+
+
+class OwnGroups(TinyConvNet):
+    """configure_optimizers puts the quantiser parameters into a group of their own (a deliberate choice)."""
+
+    def configure_optimizers(self):
+        quant = quantizer_parameters(self)
+        ids = {id(p) for p in quant}
+        return torch.optim.SGD([{"params": [p for p in self.parameters() if id(p) not in ids]},
+                                {"params": quant, "lr": 0.3}], lr=0.1)
+
+
+def test_groups_of_their_own_from_configure_optimizers_are_kept(trainer_kwargs):
+    trainer = _fit(trainer_kwargs, OwnGroups(), SelfCompression(1.0), limit_train_batches=2)
+    assert [g["lr"] for g in trainer.optimizers[0].param_groups] == [0.1, 0.3]
 
 
 def test_own_group_with_lr_moves_them_out(trainer_kwargs):
     model = TinyConvNet(optimizer="adamw", lr=1e-3, weight_decay=0.1)
     trainer = _fit(trainer_kwargs, model, SelfCompression(1.0, lr=0.25), limit_train_batches=2)
     groups = trainer.optimizers[0].param_groups
-    assert len(groups) == 2 and groups[1]["lr"] == 0.25 and groups[1]["weight_decay"] == 0.0
+    assert len(groups) == 3 and groups[1]["lr"] == 0.25 and groups[1]["weight_decay"] == 0.0
     quant = {id(p) for p in quantizer_parameters(model)}
-    assert {id(p) for p in groups[1]["params"]} == quant and not quant & {id(p) for p in groups[0]["params"]}
+    assert {id(p) for g in groups[1:] for p in g["params"]} == quant and not quant & {id(p) for p in groups[0]["params"]}
 
 
 def test_exponent_lr_gets_its_own_group(trainer_kwargs):
@@ -136,7 +155,7 @@ def test_group_added_when_configure_optimizers_left_them_out(trainer_kwargs):
     cb = SelfCompression(20.0, init_bits=3)
     trainer = _fit(trainer_kwargs, model, cb, limit_train_batches=4)
     groups = trainer.optimizers[0].param_groups
-    assert len(groups) == 2 and groups[1]["lr"] == 0.05
+    assert [g["lr"] for g in groups] == [0.05, 0.05, 0.01]
     bits = quantized_layers(model)["net.0.0"][1].bits
     assert (bits < 3.0).all()  # trained by the size gradient
 
@@ -155,7 +174,8 @@ def test_freeze_at_holds_bits_and_equals_zero_lr_for_them(trainer_kwargs):
     class ZeroQuantLr(Callback):  # reference: the quantiser group's lr drops to 0 from step 4 on
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if batch_idx == 4:
-                trainer.optimizers[0].param_groups[1]["lr"] = 0.0
+                for group in trainer.optimizers[0].param_groups[1:]:
+                    group["lr"] = 0.0
 
     runs = []
     for freeze_at, extra in [(0.5, []), (None, [ZeroQuantLr()])]:
@@ -172,26 +192,37 @@ def test_freeze_at_holds_bits_and_equals_zero_lr_for_them(trainer_kwargs):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_nonfinite_bits_are_repaired_with_a_warning(trainer_kwargs):
-    class PoisonBits(Callback):
-        def __init__(self):
-            self.calls = 0
+class Poison(Callback):
+    """NaN into a bits gradient and inf into an exponent gradient at step 2; NaN into the bits' Adam
+    moment (optimizer state) at step 4."""
 
-        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-            self.calls += 1
-            if self.calls == 2:
-                q = quantized_layers(pl_module)["net.1.0"][1]
-                self.before = q.bits.detach().clone()
-                q.bits.grad[0] = float("nan")
-                q.exponent.grad[1] = float("inf")
+    def __init__(self):
+        self.calls = 0
 
-    poison = PoisonBits()
-    model = TinyConvNet(optimizer="sgd", lr=0.1)
-    with pytest.warns(UserWarning, match=r"2 bits/exponent value\(s\) became NaN/inf in optimizer step"):
-        _fit(trainer_kwargs, model, SelfCompression(1.0), limit_train_batches=2, callbacks=[poison])
-    q = quantized_layers(model)["net.1.0"][1]
-    assert torch.isfinite(q.bits).all() and torch.isfinite(q.exponent).all()
-    assert q.bits[0] == poison.before[0]
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.calls += 1
+        q = quantized_layers(pl_module)["net.1.0"][1]
+        if self.calls == 2:
+            q.bits.grad[0] = float("nan")
+            q.exponent.grad[1] = float("inf")
+        if self.calls == 4:
+            optimizer.state[q.bits]["exp_avg_sq"][2] = float("nan")
+
+
+def test_nonfinite_gradients_and_moments_are_repaired_once_and_training_goes_on(trainer_kwargs):
+    model = TinyConvNet(optimizer="adam", lr=0.01)
+    cb = SelfCompression(GAMMA, init_bits=2, lr=0.2, shift_decay=0.05, freeze_at=None)
+    with pytest.warns(UserWarning, match=r"non-finite bits/exponent value\(s\), gradient\(s\) or optimizer moment") as rec:
+        trainer = pl.Trainer(max_epochs=3, limit_train_batches=8, callbacks=[cb, Poison()], **trainer_kwargs)
+        trainer.fit(model, datamodule=_data())
+    assert len([w for w in rec if "non-finite" in str(w.message)]) == 1  # one warning
+    assert cb.repaired == 4  # step 2: 2 gradients; step 4: the NaN moment and the value it made NaN
+    opt = trainer.optimizers[0]
+    for p in quantizer_parameters(model):
+        assert torch.isfinite(p).all()
+        assert all(torch.isfinite(v).all() for v in opt.state[p].values() if torch.is_tensor(v))
+    assert (quantized_layers(model)["net.1.0"][1].bits[:3] < 1.5).all()  # the poisoned channels kept training
+    assert cb.removal.core.events  # and channels were still removed after the faults
 
 
 def test_logging_report_and_plot(trainer_kwargs, tmp_path, caplog):
@@ -222,7 +253,7 @@ def test_resume_from_checkpoint_restores_quantisers(trainer_kwargs, tmp_path):
     trainer2 = pl.Trainer(max_epochs=2, limit_train_batches=3, callbacks=[SelfCompression(GAMMA)], **trainer_kwargs)
     trainer2.fit(fresh, datamodule=_data(), ckpt_path=tmp_path / "last.ckpt")
     assert trainer2.global_step == 6
-    assert len(trainer2.optimizers[0].param_groups) == 1
+    assert len(trainer2.optimizers[0].param_groups) == 3
 
 
 @pytest.mark.parametrize(
@@ -236,7 +267,7 @@ def test_resume_from_checkpoint_restores_quantisers(trainer_kwargs, tmp_path):
         (dict(gamma=1.0, init_bits=-2.5), r"`init_bits` must be a positive finite number, got -2.5"),
         (dict(gamma=1.0, lr=0.0), r"`lr` must be a positive finite number or None, got 0.0"),
         (dict(gamma=1.0, exponent_lr=float("nan")), r"`exponent_lr` must be a positive finite number or None, got nan"),
-        (dict(gamma=1.0, optimizer_index=-1), r"`optimizer_index` must be an integer >= 0, got -1"),
+        (dict(gamma=1.0, optimizers=-1), r"`optimizers` must be an integer >= 0, got -1"),
         (dict(gamma=1.0, exclude=[3]), r"`exclude` must be layer names \(strings\), got \[3\]"),
         (dict(gamma=1.0, freeze_at=1.0), r"`freeze_at` must be in \(0, 1\) or None, got 1.0"),
         (dict(gamma=1.0, freeze_at=True), r"`freeze_at` must be in \(0, 1\) or None, got True"),
@@ -247,6 +278,11 @@ def test_resume_from_checkpoint_restores_quantisers(trainer_kwargs, tmp_path):
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SelfCompression(**kwargs)
+
+
+class StopAfterOneBatch(Callback):
+    def on_train_batch_end(self, trainer, *args):
+        trainer.should_stop = True
 
 
 def test_bad_exclude_and_model_at_setup(trainer_kwargs):
@@ -262,11 +298,13 @@ def test_bad_exclude_and_model_at_setup(trainer_kwargs):
 
     with pytest.raises(ValueError, match=r"has no Conv1d/Conv2d/Conv3d/Linear layer"):
         _fit(trainer_kwargs, NoLayers(), SelfCompression(1.0), limit_train_batches=1)
-    with pytest.raises(ValueError, match=r"`optimizer_index` 3 is out of range: the trainer has 1 optimizer"):
-        _fit(trainer_kwargs, BitsOnlyOptimizer(), SelfCompression(1.0, optimizer_index=3), limit_train_batches=1)
-    with pytest.raises(ValueError, match=r"`freeze_at` needs a finite training length.*got inf"):
-        trainer = pl.Trainer(max_epochs=-1, callbacks=[SelfCompression(1.0, freeze_at=0.5)], **trainer_kwargs)
+    with pytest.raises(ValueError, match=r"`optimizers` is 3 but the model configures 1 optimizer\(s\)"):
+        _fit(trainer_kwargs, BitsOnlyOptimizer(), SelfCompression(1.0, optimizers=3), limit_train_batches=1)
+    cb = SelfCompression(1.0, freeze_at=0.5)
+    with pytest.warns(UserWarning, match=r"`freeze_at` needs a finite training length.*not frozen"):
+        trainer = pl.Trainer(max_epochs=-1, callbacks=[cb, StopAfterOneBatch()], **trainer_kwargs)
         trainer.fit(TinyConvNet(), datamodule=_data())
+    assert cb._freeze_step == float("inf")
 
 
 def test_compute_gamma_reads_positions_once_and_presses_by_compute(trainer_kwargs):
@@ -276,7 +314,7 @@ def test_compute_gamma_reads_positions_once_and_presses_by_compute(trainer_kwarg
     callback = SelfCompression(0.0, init_bits=4, compute_gamma=1.0)
     trainer = _fit(trainer_kwargs, model, callback, limit_train_batches=3)
     assert callback.positions == {"net.0.0": 64, "net.1.0": 64, "net.4": 1}
-    assert not callback._position_hooks
+    assert not callback._recorder.active
     assert 0 < trainer.callback_metrics["self_compression/bit_macs_pct"] <= 100 * 4 / 32
     for _, q in quantized_layers(model).values():
         q.bits.grad = None
@@ -286,3 +324,62 @@ def test_compute_gamma_reads_positions_once_and_presses_by_compute(trainer_kwarg
     for n, (layer, q) in layers.items():  # dC/db_i = P_l K I_alive(i) / sum_l P_l N_l
         want = callback.positions[n] * kernel_area(layer) * live_input_columns(layer, q).float() / macs
         torch.testing.assert_close(q.bits.grad, want)
+
+
+class SkipsSome(TinyConvNet):
+    """training_step returns None (no update) on batches 2 and 3 of every epoch."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return None if batch_idx in (2, 3) else loss
+
+
+def test_steps_without_update_change_neither_bits_nor_shifts_nor_counters(trainer_kwargs):
+    class Shifts(Callback):
+        def __init__(self):
+            self.bits, self.shifts = [], []
+
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            self.bits.append(torch.cat([p.detach().clone() for p in quantizer_parameters(pl_module)]))
+            self.shifts.append(pl_module.net[1][1].bias.detach().clone())
+
+    model, rec = SkipsSome(optimizer="sgd", lr=0.1), Shifts()
+    cb = SelfCompression(GAMMA, init_bits=2, lr=0.2, shift_decay=0.05, freeze_at=None)
+    pl.Trainer(max_epochs=2, limit_train_batches=6, callbacks=[cb, rec], **trainer_kwargs).fit(model, datamodule=_data())
+    for epoch in (0, 6):  # batches 2 and 3 ran no update: the bits and the BatchNorm shifts stand still
+        assert not torch.equal(rec.bits[epoch], rec.bits[epoch + 1])
+        for i in (2, 3):
+            assert torch.equal(rec.bits[epoch + i], rec.bits[epoch + 1])
+            assert torch.equal(rec.shifts[epoch + i], rec.shifts[epoch + 1])
+    assert cb.step_positions() == [8]  # 2 x 6 batches, 4 without an update
+    assert all(step <= 8 for step, _, _ in cb.removal.core.events)
+
+
+@pytest.mark.parametrize("decay_first", [True, False], ids=["decay-then-compression", "compression-then-decay"])
+def test_every_callback_order_resumes_exactly(trainer_kwargs, tmp_path, decay_first):
+    """DecoupledWeightDecay before or after a SelfCompression that adds param groups: resuming a
+    checkpoint (after removals) gives the uninterrupted run's weights bit for bit."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from pl_optim.callbacks import DecoupledWeightDecay
+
+    def callbacks():
+        pair = [DecoupledWeightDecay(0.01, exclude_1d=False),
+                SelfCompression(GAMMA, init_bits=2, lr=0.2, shift_decay=0.05, freeze_at=None)]
+        return pair if decay_first else pair[::-1]
+
+    kw = {**trainer_kwargs, "enable_checkpointing": True, "limit_val_batches": 0}
+    runs = []
+    for resume in (False, True):
+        pl.seed_everything(0)
+        model = TinyConvNet(optimizer="adam", lr=0.05)
+        cbs = callbacks()
+        if not resume:
+            cbs.append(ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, filename="{epoch}"))
+        pl.Trainer(max_epochs=3, limit_train_batches=8, callbacks=cbs, **kw).fit(
+            model, datamodule=_data(), ckpt_path=tmp_path / "epoch=1.ckpt" if resume else None)
+        runs.append((model, cbs))
+    (full, cbs), (resumed, _) = runs
+    assert next(c for c in cbs if isinstance(c, SelfCompression)).removal.core.events
+    for key, value in full.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key

@@ -34,14 +34,14 @@ def _run(out: Path, mode: str) -> None:
         limits, data = dict(max_steps=30), RandomClassificationData(n=160, shape=(1, 8, 8), batch_size=8)
     else:
         model = TinyConvNet(optimizer="sgd", lr=0.1)
-        callback = SelfCompression(50.0, lr=0.2)
+        callback = SelfCompression(50.0, lr=0.2, remove_channels=False)
         limits, data = dict(max_epochs=1, limit_train_batches=4), RandomClassificationData(n=64, shape=(1, 8, 8), batch_size=8)
     trainer = pl.Trainer(callbacks=[callback], default_root_dir=str(out), **limits, **DDP_TRAINER_KWARGS)
     trainer.fit(model, datamodule=data)  # different data per rank comes from the DistributedSampler
     torch.save(
         {
             "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-            "events": callback.removal.events if mode == "remove" else [],
+            "events": callback.removal.core.events if mode == "remove" else [],
             "steps": trainer.global_step,
             "ddp_shapes": [tuple(p.shape) for p in trainer.strategy.model.parameters()],
             "shapes": [tuple(p.shape) for p in model.parameters()],

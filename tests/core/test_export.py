@@ -7,8 +7,14 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from pl_optim.compression import attach_quantizers, quantized_layers
-from pl_optim.compression.export import export_compressed, load_packed, read_packed, save_packed
+from pl_optim.compression import (
+    attach_quantizers,
+    export_compressed,
+    load_packed,
+    quantized_layers,
+    read_packed,
+    save_packed,
+)
 
 
 def _net() -> nn.Sequential:

@@ -135,8 +135,7 @@ def test_apply_kept_rebuilds_shapes_for_state_dict():
 
 
 def test_export_removes_dead_channels_exactly():
-    from pl_optim.compression import attach_quantizers
-    from pl_optim.compression.export import export_compressed
+    from pl_optim.compression import attach_quantizers, export_compressed
 
     net = nets()["resnet9"]
     graph = ChannelGraph(net, X)
