@@ -246,14 +246,32 @@ def test_logging_report_and_plot(trainer_kwargs, tmp_path, caplog):
 
 
 def test_resume_from_checkpoint_restores_quantisers(trainer_kwargs, tmp_path):
+    """Without removal: 2 epochs straight == 1 epoch + resume on a fresh model (weights, bits,
+    exponents and optimizer state bit-identical), not just the same step count."""
+    kw = dict(limit_train_batches=3, remove_channels=False)
+
+    def cb():
+        return SelfCompression(GAMMA, remove_channels=kw["remove_channels"], freeze_at=None)
+
+    pl.seed_everything(0)
+    straight = TinyConvNet()
+    t0 = pl.Trainer(max_epochs=2, limit_train_batches=3, callbacks=[cb()], **trainer_kwargs)
+    t0.fit(straight, datamodule=_data())
+    pl.seed_everything(0)
     model = TinyConvNet()
-    trainer = _fit(trainer_kwargs, model, SelfCompression(GAMMA), limit_train_batches=3)
+    trainer = _fit(trainer_kwargs, model, cb(), limit_train_batches=3)
     trainer.save_checkpoint(tmp_path / "last.ckpt")
     fresh = TinyConvNet()
-    trainer2 = pl.Trainer(max_epochs=2, limit_train_batches=3, callbacks=[SelfCompression(GAMMA)], **trainer_kwargs)
+    trainer2 = pl.Trainer(max_epochs=2, limit_train_batches=3, callbacks=[cb()], **trainer_kwargs)
     trainer2.fit(fresh, datamodule=_data(), ckpt_path=tmp_path / "last.ckpt")
-    assert trainer2.global_step == 6
-    assert len(trainer2.optimizers[0].param_groups) == 3
+    assert trainer2.global_step == t0.global_step == 6
+    assert len(trainer2.optimizers[0].param_groups) == len(t0.optimizers[0].param_groups) == 3
+    a, b = dict(straight.named_parameters()), dict(fresh.named_parameters())
+    assert a.keys() == b.keys() and any(".bits" in k for k in a)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    for p, q in zip(t0.optimizers[0].state.values(), trainer2.optimizers[0].state.values()):
+        assert all(torch.equal(p[k], q[k]) for k in p if torch.is_tensor(p[k]))
 
 
 @pytest.mark.parametrize(
