@@ -162,7 +162,9 @@ def main(argv: list[str] | None = None) -> dict:
         bits = [c["bits_pct"] for _, c in rows]
         mean_drop, mean_bits = statistics.fmean(drops), statistics.fmean(bits)
         sd = statistics.stdev(drops) if len(drops) > 1 else 0.0
-        met = mean_bits <= 3.0 and mean_drop <= 0.5 + 1e-9  # 9 errors in 1,800 images is 0.5 pp, not 0.5000001
+        # accuracies are float32 (torchmetrics): 9 errors in 1,800 images come out as 0.50001 pp; compare at
+        # 1e-4 pp, far below one image (0.056 pp of 1,800)
+        met = mean_bits <= 3.0 and round(mean_drop, 4) <= 0.5
         print(f"{arch}: {len(rows)} seed(s): float {statistics.fmean(100 * b['acc'] for b, _ in rows):.2f}% | "
               f"drop mean {mean_drop:+.2f} pp (sd {sd:.2f}, per seed {min(drops):+.2f} .. {max(drops):+.2f}) | "
               f"bits mean {mean_bits:.2f}% ({min(bits):.2f} .. {max(bits):.2f}) | "
