@@ -11,7 +11,12 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from pl_optim.callbacks._base import StepHookCallback, refuse_sharded_strategy
+from pl_optim.callbacks._base import (
+    StepHookCallback,
+    check_plot_path,
+    refuse_sharded_strategy,
+    resolve_plot_path,
+)
 from pl_optim.callbacks._channel_removal import RemovalDriver
 from pl_optim.callbacks._schedule_length import derive_total_steps
 from pl_optim.checks import boolean, fraction, integer, non_negative, optimizer_in_range, positive
@@ -76,7 +81,8 @@ class SelfCompression(StepHookCallback):
         exponent_lr: learning rate of ``exponent`` (default 0.01: ``e`` gets noisy straight-through
             gradients and Adam moves it by ~lr a step; sharing 0.05 cost ~1 pp).
         optimizers: index of the optimizer that receives the groups.
-        plot_path: the PNG's path; None: ``<default_root_dir>/self_compression_size.png``; False: no plot.
+        plot_path: the PNG's path (relative paths go under ``default_root_dir``); None:
+            ``<default_root_dir>/self_compression_size.png``; False: no plot.
         remove_channels: remove dead channels during training (default True: the size then counts live
             inputs only, the network and its step time shrink; ``docs/channel_removal.md``).
         removal_interval: decide about removal every this many optimizer steps.
@@ -124,7 +130,7 @@ class SelfCompression(StepHookCallback):
         self.freeze_at = fraction("freeze_at", freeze_at, allow_none=True)
         self._freeze_step: float = math.inf
         self.optimizers = integer("optimizers", optimizers, minimum=0)
-        self.plot_path = plot_path
+        self.plot_path = check_plot_path(plot_path)
         self.history: list[dict[str, float]] = []
         self.report: Table = Table([])
         self.channels: list[dict[str, Any]] = []
@@ -257,8 +263,8 @@ class SelfCompression(StepHookCallback):
             self.channels = self.removal.channel_report()
             rank_zero_info("SelfCompression channels (before -> after): " + ", ".join(
                 f"{c['layer']} {c['channels_before']} -> {c['channels_after']}" for c in self.channels))
-        if self.plot_path is not False and self.history and trainer.is_global_zero:
-            path = self.plot_path or Path(trainer.default_root_dir) / "self_compression_size.png"
+        path = resolve_plot_path(self.plot_path, trainer, "self_compression_size.png")
+        if path is not None and self.history and trainer.is_global_zero:
             epochs = [h["epoch"] for h in self.history]
             series = {"% float bits": [h["bits_pct"] for h in self.history], "% weights": [h["weights_pct"] for h in self.history]}
             self.plot = plot_series(path, epochs, series, "epoch", "% kept", "SelfCompression: size vs. epoch")
