@@ -53,7 +53,6 @@ from types import FrameType
 from typing import Any
 
 import torch
-from torch.utils.hooks import RemovableHandle
 
 #: a ledger subscriber: ``fn(optimizer)``.
 Listener = Callable[[torch.optim.Optimizer], None]
@@ -121,7 +120,9 @@ class StepLedger:
         self._early: list[Listener] = []  # before-listeners subscribed with early=True
         self._outer: FrameType | None = None  # frame of the outermost step() running, if any
         self._counted = False  # whether the running step counts (known once gradients exist)
-        self._handles = self._register()
+        # registered for the optimizer's lifetime (the ledger lives on it; nothing ever detaches it)
+        optimizer.register_step_pre_hook(self._pre_hook)
+        optimizer.register_step_post_hook(self._post_hook)
 
     # -- creation -----------------------------------------------------------------------------
     @classmethod
@@ -137,12 +138,6 @@ class StepLedger:
             ledger = cls(optimizer, _CREATE)
             setattr(optimizer, _ATTRIBUTE, ledger)
         return ledger
-
-    def _register(self) -> list[RemovableHandle]:
-        return [
-            self.optimizer.register_step_pre_hook(self._pre_hook),
-            self.optimizer.register_step_post_hook(self._post_hook),
-        ]
 
     # -- subscribers --------------------------------------------------------------------------
     def subscribe(
