@@ -92,6 +92,9 @@ class SelfCompression(StepHookCallback):
             accuracy; not applied, with a warning, when the run length is unbounded); None: train them to the end.
         compute_gamma: weight, ``>= 0``, of the compute-weighted size term ``C = sum_l P_l Q_l / sum_l P_l N_l``
             (``P_l``: output positions, read on the first training batch); 0: off.
+        gamma_warmup: fraction in (0, 1) of the training's optimizer steps over which ``gamma`` and
+            ``compute_gamma`` ramp linearly from 0 to their value (the weights learn before the bits are
+            pressed); must be below ``freeze_at``; needs a finite training length. None (default): no ramp.
 
     Raises:
         ValueError: a bad argument (at construction); at setup, an ``exclude`` name matching no conv/linear
@@ -118,6 +121,7 @@ class SelfCompression(StepHookCallback):
         shift_decay: float = 1e-3,
         freeze_at: float | None = FREEZE_AT,
         compute_gamma: float = 0.0,
+        gamma_warmup: float | None = None,
     ) -> None:
         self.gamma = float(non_negative("gamma", gamma))
         self.compute_gamma = float(non_negative("compute_gamma", compute_gamma))
@@ -129,6 +133,11 @@ class SelfCompression(StepHookCallback):
         self.exponent_lr = positive("exponent_lr", exponent_lr, allow_none=True)
         self.freeze_at = fraction("freeze_at", freeze_at, allow_none=True)
         self._freeze_step: float = math.inf
+        self.gamma_warmup = fraction("gamma_warmup", gamma_warmup, allow_none=True)
+        if self.gamma_warmup is not None and self.freeze_at is not None and self.gamma_warmup >= self.freeze_at:
+            raise ValueError(f"`gamma_warmup` ({self.gamma_warmup!r}) must be below `freeze_at` ({self.freeze_at!r}): "
+                             "the bits would be frozen before the size term is at full weight")
+        self._warmup_steps = 0
         self.optimizers = integer("optimizers", optimizers, minimum=0)
         self.plot_path = check_plot_path(plot_path)
         self.history: list[dict[str, float]] = []
@@ -192,18 +201,29 @@ class SelfCompression(StepHookCallback):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        self._freeze_step = math.inf
-        if self.freeze_at is not None:
+        total: int | None = None
+        if self.freeze_at is not None or self.gamma_warmup is not None:
             try:
-                self._freeze_step = math.ceil(self.freeze_at * derive_total_steps(trainer, len(trainer.optimizers)))
-            except ValueError as err:  # the default must not break unbounded runs: warn, don't freeze
+                total = derive_total_steps(trainer, len(trainer.optimizers))
+            except ValueError as err:
+                if self.gamma_warmup is not None:  # asked for explicitly: an error, not a warning
+                    raise ValueError(f"SelfCompression: `gamma_warmup` ({self.gamma_warmup!r}) needs a finite "
+                                     f"training length: {err}") from None
+                # the default `freeze_at` must not break unbounded runs: warn, don't freeze
                 rank_zero_warn(f"SelfCompression: `freeze_at` needs a finite training length ({err}); "
                                "the bits are not frozen in this run")
+        self._freeze_step = math.inf if total is None or self.freeze_at is None else math.ceil(self.freeze_at * total)
+        self._warmup_steps = 0 if total is None or self.gamma_warmup is None else max(1, math.ceil(self.gamma_warmup * total))
         for group, lr in self._groups:
             group["lr"] = lr  # the configured lr wins over a restored optimizer state
         if self._recorder is not None:
             self._recorder.remove()
         self._recorder = OutputPositions(pl_module)  # the next forward (the first batch; after a resume, again)
+
+    def ramp(self, position: int) -> float:
+        """The size terms' weight factor at optimizer step ``position`` (0-based): ``(position + 1) / W``
+        during the ``gamma_warmup`` steps ``W``, then 1."""
+        return min(1.0, (position + 1) / self._warmup_steps) if self._warmup_steps else 1.0
 
     # --- every optimizer step ----------------------------------------------------------------------
     def before_step(self, trainer: Trainer, index: int, optimizer: torch.optim.Optimizer) -> None:
@@ -221,7 +241,8 @@ class SelfCompression(StepHookCallback):
         bits = {id(p) for p in quantizer_parameters(pl_module)}
         if self._frozen or not any(id(p) in bits for g in optimizer.param_groups for p in g["params"]):
             return
-        if not add_size_grad(pl_module, self.gamma, self.compute_gamma, self.positions):
+        ramp = self.ramp(self.position(index))
+        if not add_size_grad(pl_module, ramp * self.gamma, ramp * self.compute_gamma, self.positions):
             rank_zero_warn("SelfCompression: non-finite bits; the size gradient was skipped this step")
 
     def after_step(self, trainer: Trainer, index: int, optimizer: torch.optim.Optimizer) -> None:

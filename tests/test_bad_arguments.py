@@ -158,6 +158,9 @@ ROWS = [
     ("sc-freeze-0", _call(SelfCompression, gamma=0.3, freeze_at=0), ValueError, "freeze_at", "0"),
     ("sc-freeze-1", _call(SelfCompression, gamma=0.3, freeze_at=1.0), ValueError, "freeze_at", "1.0"),
     ("sc-compute", _call(SelfCompression, gamma=0.3, compute_gamma=-0.5), ValueError, "compute_gamma", "-0.5"),
+    ("sc-warmup-0", _call(SelfCompression, gamma=0.3, gamma_warmup=0.0), ValueError, "gamma_warmup", "0.0"),
+    ("sc-warmup-str", _call(SelfCompression, gamma=0.3, gamma_warmup="0.1"), ValueError, "gamma_warmup", "'0.1'"),
+    ("sc-warmup-freeze", _call(SelfCompression, gamma=0.3, gamma_warmup=0.9), ValueError, "gamma_warmup", "0.9"),
     # --- schedules -----------------------------------------------------------------------------
     ("cos-nan", lambda: Cosine(NAN, 0.0), ValueError, "start", "nan"),
     ("lin-str", lambda: Linear("a", 1.0), ValueError, "start", "'a'"),

@@ -140,3 +140,31 @@ def test_channel_removal_benchmark_runs_end_to_end(tmp_path, capsys):
     assert 0 < out["weights_pct"] <= 100 and 0 < out["bits_pct"] <= 100
     again = main(["--load", str(saved), "--reps", "3", "--batches", "1"])
     assert set(again["latency"]["simplified"]) == {1}
+
+
+def test_self_compression_benchmark_distills_warms_up_and_caches_the_float_run(tmp_path, capsys):
+    """bench_self_compression end to end on 2 epochs (smoke test: the figures come from the full runs in
+    docs/self_compression.md): the float run is cached and read back with the same accuracy; --distill
+    and --gamma-warmup reach the compressed run."""
+    from examples.benchmarks import bench_self_compression as bench
+
+    args = ["--arch", "digits", "--seeds", "3", "--epochs", "2", "--cache", str(tmp_path)]
+    first = bench.main(args)
+    assert "training the float model" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["digits_seed3_epochs2.json", "digits_seed3_epochs2.pt"]
+    seen = []
+    original = bench.train
+
+    def spy(arch, recipe, seed, epochs=bench.EPOCHS, teacher=None):
+        seen.append((recipe, teacher))
+        return original(arch, recipe, seed, epochs, teacher)
+
+    bench.train = spy
+    try:
+        second = bench.main([*args, "--distill", "--gamma-warmup", "0.2"])
+    finally:
+        bench.train = original
+    text = capsys.readouterr().out
+    assert "float model read from" in text and "distilled from the float model" in text
+    assert len(seen) == 1 and seen[0][0]["gamma_warmup"] == 0.2 and isinstance(seen[0][1], torch.nn.Module)
+    assert first["digits"]["float"] == second["digits"]["float"]  # the cached float run, not a new one

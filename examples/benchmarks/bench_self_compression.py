@@ -6,19 +6,26 @@ percentage points below the float model's, over seeds, on
 * ``digits``: the digits ConvNet of ``examples.models.DigitsConvNet``;
 * ``resnet9``: the ResNet-9 example (``examples.models.ResNet9``) at narrow widths (16, 32, 64, 128);
 * ``mobilenet``: a MobileNet-style depthwise-separable net with an inverted-residual block, defined
-  here (not in ``examples/``).
+  here (not in ``examples/``);
+* ``tv_resnet18``: torchvision's ``resnet18(num_classes=10)``, unmodified, random init, on the digits
+  upsampled to 3x32x32 (needs torchvision: run it in ``.venv-vision`` set up with
+  ``VISION_LIGHTNING=1 scripts/setup_vision_env.sh``).
 
 Every run uses the user's ordinary set-up: ``AdamW(self.parameters(), lr=3e-3)`` with a per-epoch
 cosine schedule and label smoothing 0.1 (the same for the float run); the compressed run adds
 ``SelfCompression(**RECIPE)`` and nothing else (the callback moves bits/exponents into param groups of
-their own). After training the BatchNorm statistics are re-estimated on the training set (both runs),
+their own). ``--distill`` adds distillation from the float model of the same seed (trained first):
+``(1 - a) * CE + a * T^2 * KL(student/T || teacher/T)`` with ``a = 0.5``, ``T = 2``. After training the BatchNorm statistics are re-estimated on the training set (both runs),
 and the compressed accuracy is the one of the network reloaded from its bit-packed file::
 
     python -m examples.benchmarks.bench_self_compression --arch digits resnet9 mobilenet --seeds 0 1 2 3 4
+    .venv-vision/bin/python -m examples.benchmarks.bench_self_compression --arch tv_resnet18 --seeds 0 1 2 3 4
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import statistics
 import tempfile
 import time
@@ -46,19 +53,32 @@ from pl_optim.compression import compression_stats, load_packed, recalibrate_bat
 
 #: THE recipe (the callback's arguments; every other argument at its default). Chosen on the digits
 #: ConvNet (docs/self_compression.md lists the sweep) and applied unchanged to every architecture.
-RECIPE = dict(gamma=0.25, lr=0.05, exponent_lr=0.01, remove_channels=True, freeze_at=0.75)
+RECIPE = dict(gamma=0.25, lr=0.05, exponent_lr=0.01, remove_channels=True, freeze_at=0.75, gamma_warmup=None)
+#: whether the recipe distils the compressed run from the float model of the same seed
+DISTILL = False
 EPOCHS = 40
 LR = 3e-3
 LABEL_SMOOTHING = 0.1
+#: distillation (``--distill``): weight of the soft term and temperature (Hinton et al.'s usual values)
+DISTILL_ALPHA, DISTILL_T = 0.5, 2.0
 
 
 class _Ordinary:
     """An ordinary user's optimizer and loss: AdamW over ``self.parameters()``, per-epoch cosine,
     label smoothing."""
 
+    teacher: tuple[nn.Module, ...] = ()  # a tuple: never registered as a submodule (no quantisers on it)
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
-        return F.cross_entropy(self(x), y, label_smoothing=LABEL_SMOOTHING)
+        logits = self(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=LABEL_SMOOTHING)
+        if not self.teacher:
+            return loss
+        with torch.no_grad():
+            soft = F.softmax(self.teacher[0](x) / DISTILL_T, dim=1)
+        kd = F.kl_div(F.log_softmax(logits / DISTILL_T, dim=1), soft, reduction="batchmean") * DISTILL_T**2
+        return (1 - DISTILL_ALPHA) * loss + DISTILL_ALPHA * kd
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=0.0)
@@ -104,14 +124,39 @@ class MobileNetLike(_Ordinary, DigitsConvNet):
         )
 
 
-ARCHS = {"digits": DigitsNet, "resnet9": NarrowResNet9, "mobilenet": MobileNetLike}
+class TorchvisionResNet18(_Ordinary, DigitsConvNet):
+    """torchvision's ``resnet18(num_classes=10)`` as it is (random init), on 3x32x32 inputs."""
+
+    def build_net(self) -> nn.Module:
+        from torchvision.models import resnet18
+
+        return resnet18(num_classes=self.hparams.num_classes)
 
 
-def train(arch: str, recipe: dict | None, seed: int, epochs: int = EPOCHS) -> dict:
-    """One run: float (``recipe=None``) or ``SelfCompression(**recipe)``; returns accuracy and sizes."""
+class Digits32(DigitsDataModule):
+    """The digits, upsampled (bilinear) to 32x32 and repeated to 3 channels (torchvision's input layout)."""
+
+    def setup(self, stage: str | None = None) -> None:
+        fresh = self.train_set is None
+        super().setup(stage)
+        if fresh:
+            for ds in (self.train_set, self.val_set):
+                x, y = ds.tensors
+                ds.tensors = (F.interpolate(x, size=32, mode="bilinear", align_corners=False).repeat(1, 3, 1, 1), y)
+
+
+ARCHS = {"digits": DigitsNet, "resnet9": NarrowResNet9, "mobilenet": MobileNetLike, "tv_resnet18": TorchvisionResNet18}
+DATA = {"tv_resnet18": Digits32}
+
+
+def train(arch: str, recipe: dict | None, seed: int, epochs: int = EPOCHS, teacher: nn.Module | None = None) -> dict:
+    """One run: float (``recipe=None``) or ``SelfCompression(**recipe)``, distilled from ``teacher`` when
+    given; returns accuracy and sizes (and the float net under ``"net"``)."""
     pl.seed_everything(seed, verbose=False)
-    dm = DigitsDataModule(batch_size=64)
+    dm = DATA.get(arch, DigitsDataModule)(batch_size=64)
     model = ARCHS[arch](optimizer="adamw", lr=LR)
+    if teacher is not None:
+        model.teacher = (teacher.eval(),)
     callbacks = [] if recipe is None else [SelfCompression(plot_path=False, **recipe)]
     trainer = pl.Trainer(
         max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
@@ -121,15 +166,32 @@ def train(arch: str, recipe: dict | None, seed: int, epochs: int = EPOCHS) -> di
         warnings.simplefilter("ignore")
         trainer.fit(model, datamodule=dm)
     recalibrate_batchnorm(model.net, (x for x, _ in dm.train_dataloader()))
-    out = {"acc": _accuracy(model.net, dm)}
+    out = {"acc": _accuracy(model.net, dm), "net": model.net}
     if recipe is not None:
         stats = compression_stats(model.net)
         with tempfile.TemporaryDirectory() as tmp:
             sizes = save_packed(model.net, Path(tmp) / "net.ploq")
             reloaded = load_packed(Path(tmp) / "net.ploq", ARCHS[arch](optimizer="adamw").net)
-        out.update(acc=_accuracy(reloaded, dm), bits_pct=stats["bits_pct"], weights_pct=stats["weights_pct"],
+        out.update(net=None, acc=_accuracy(reloaded, dm), bits_pct=stats["bits_pct"], weights_pct=stats["weights_pct"],
                    packed_bytes=sizes.total)
     return out
+
+
+def float_run(arch: str, seed: int, epochs: int, cache: Path | None, progress: Progress) -> dict:
+    """The float run of ``arch``/``seed``/``epochs``, trained or (``cache``) read back from an earlier one."""
+    stem = cache / f"{arch}_seed{seed}_epochs{epochs}" if cache is not None else None
+    if stem is not None and stem.with_suffix(".json").exists():
+        progress(f"{arch} seed {seed}: float model read from {stem}.json/.pt (trained earlier with these settings)")
+        net = ARCHS[arch](optimizer="adamw").net
+        net.load_state_dict(torch.load(stem.with_suffix(".pt")))
+        return {**json.loads(stem.with_suffix(".json").read_text()), "net": net}
+    progress(f"{arch} seed {seed}: training the float model ({epochs} epochs)")
+    base = train(arch, None, seed, epochs)
+    if stem is not None:
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(base["net"].state_dict(), stem.with_suffix(".pt"))
+        stem.with_suffix(".json").write_text(json.dumps({"acc": base["acc"]}))
+    return base
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -139,21 +201,34 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--epochs", type=positive_int, default=EPOCHS, help="epochs of every run")
     parser.add_argument("--gamma", type=positive_float, default=RECIPE["gamma"], help="SelfCompression(gamma=...)")
     parser.add_argument("--freeze-at", type=fraction, default=RECIPE["freeze_at"], help="SelfCompression(freeze_at=...)")
+    parser.add_argument("--gamma-warmup", type=fraction, default=RECIPE.get("gamma_warmup"),
+                        help="SelfCompression(gamma_warmup=...): linear ramp of gamma over this share of the steps")
+    parser.add_argument("--distill", action=argparse.BooleanOptionalAction, default=DISTILL,
+                        help=f"distil the compressed run from the float model of the same seed (a={DISTILL_ALPHA}, T={DISTILL_T})")
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="folder keeping the float runs (accuracy and weights) per arch/seed/epochs for reuse")
     args = parser.parse_args(argv)
+    if "tv_resnet18" in args.arch:
+        try:
+            import torchvision.models  # noqa: F401
+        except Exception as err:  # noqa: BLE001 - a CUDA torchvision beside the CPU torch raises RuntimeError
+            parser.error(f"--arch tv_resnet18 needs a torchvision that imports ({type(err).__name__}: {str(err).splitlines()[0]}); run it "
+                         "with .venv-vision/bin/python after `VISION_LIGHTNING=1 scripts/setup_vision_env.sh`")
     torch.set_num_threads(1)
-    recipe = dict(RECIPE, gamma=args.gamma, freeze_at=args.freeze_at)
+    recipe = dict(RECIPE, gamma=args.gamma, freeze_at=args.freeze_at, gamma_warmup=args.gamma_warmup)
     print(f"recipe: SelfCompression({', '.join(f'{k}={v}' for k, v in recipe.items())}), {args.epochs} epochs, "
-          f"AdamW lr {LR:g} + cosine, label smoothing {LABEL_SMOOTHING:g}, BatchNorm recalibrated", flush=True)
+          f"AdamW lr {LR:g} + cosine, label smoothing {LABEL_SMOOTHING:g}, "
+          f"{f'distilled from the float model (a={DISTILL_ALPHA}, T={DISTILL_T}), ' if args.distill else ''}"
+          "BatchNorm recalibrated", flush=True)
     results = {}
     progress = Progress("bench_self_compression")
     for arch in args.arch:
         start = time.perf_counter()
         rows = []
         for seed in args.seeds:
-            progress(f"{arch} seed {seed}: training the float model ({args.epochs} epochs)")
-            base = train(arch, None, seed, args.epochs)
+            base = float_run(arch, seed, args.epochs, args.cache, progress)
             progress(f"{arch} seed {seed}: training the compressed model (gamma {args.gamma:g})")
-            comp = train(arch, recipe, seed, args.epochs)
+            comp = train(arch, recipe, seed, args.epochs, teacher=base["net"] if args.distill else None)
             rows.append((base, comp))
             print(f"{arch} seed {seed}: float {100 * base['acc']:.2f}% | compressed {100 * comp['acc']:.2f}% "
                   f"(drop {100 * (base['acc'] - comp['acc']):+.2f} pp) | bits {comp['bits_pct']:.2f}% | "
@@ -170,7 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"bits mean {mean_bits:.2f}% ({min(bits):.2f} .. {max(bits):.2f}) | "
               f"target (<= 3% bits, <= 0.5 pp): {'MET' if met else 'NOT MET'}   [{time.perf_counter() - start:.0f} s]",
               flush=True)
-        results[arch] = {"drops": drops, "bits": bits, "mean_drop": mean_drop, "mean_bits": mean_bits, "met": met}
+        results[arch] = {"float": [b["acc"] for b, _ in rows], "drops": drops, "bits": bits, "mean_drop": mean_drop, "mean_bits": mean_bits, "met": met}
     return results
 
 

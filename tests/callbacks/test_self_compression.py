@@ -401,3 +401,69 @@ def test_every_callback_order_resumes_exactly(trainer_kwargs, tmp_path, decay_fi
     assert next(c for c in cbs if isinstance(c, SelfCompression)).removal.core.events
     for key, value in full.state_dict().items():
         assert torch.equal(resumed.state_dict()[key], value), key
+
+
+class RampedLossTerm(LossTermConvNet):
+    """The reference for ``gamma_warmup``: the loss term's weights ramp as ``min(1, (step + 1) / W)``."""
+
+    def __init__(self, warmup_steps: int, gammas: tuple[float, float], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.warmup_steps, self.gammas = warmup_steps, gammas
+
+    def training_step(self, batch, batch_idx):
+        ramp = min(1.0, (self.trainer.global_step + 1) / self.warmup_steps)
+        self.size_gamma, self.compute_gamma = (ramp * g for g in self.gammas)
+        return super().training_step(batch, batch_idx)
+
+
+def test_gamma_warmup_ramps_both_size_terms_like_the_loss_term(trainer_kwargs):
+    """gamma_warmup=0.5 of 6 steps: W = 3, the size and compute terms weigh 1/3, 2/3, 1, 1, 1, 1 of their
+    value; equal to adding the ramped terms to the loss, and different from no warm-up."""
+    finals = []
+    for callback, model in [
+        (SelfCompression(GAMMA, init_bits=4, compute_gamma=5.0, gamma_warmup=0.5, freeze_at=None),
+         TinyConvNet(optimizer="sgd", lr=0.1, momentum=0.9)),
+        (SelfCompression(0.0, init_bits=4, freeze_at=None),
+         RampedLossTerm(3, (GAMMA, 5.0), optimizer="sgd", lr=0.1, momentum=0.9)),
+        (SelfCompression(GAMMA, init_bits=4, compute_gamma=5.0, freeze_at=None),
+         TinyConvNet(optimizer="sgd", lr=0.1, momentum=0.9)),
+    ]:
+        pl.seed_everything(0)
+        model.load_state_dict(TinyConvNet(optimizer="sgd").state_dict())  # the same start for all three
+        _fit(trainer_kwargs, model, callback, limit_train_batches=6)
+        finals.append([p.detach().clone() for p in model.parameters()])
+        if callback.gamma_warmup is not None:
+            assert callback._warmup_steps == 3 and [callback.ramp(k) for k in range(4)] == [1 / 3, 2 / 3, 1.0, 1.0]
+    warm, reference, no_warmup = finals
+    for a, b in zip(warm, reference):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert any(not torch.allclose(a, c, atol=1e-4) for a, c in zip(warm, no_warmup))
+
+
+def test_gamma_warmup_resumes_mid_ramp_exactly(trainer_kwargs, tmp_path):
+    """A run of 8 steps with W = 6 checkpointed at step 4 (an epoch end) and resumed equals the uninterrupted run."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def cb():
+        return SelfCompression(GAMMA, gamma_warmup=0.75, freeze_at=None, remove_channels=False)
+
+    kw = {**trainer_kwargs, "enable_checkpointing": True, "max_epochs": 2, "limit_train_batches": 4}
+    pl.seed_everything(0)
+    straight = TinyConvNet()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_epochs=1, save_top_k=-1, filename="{step}")
+    pl.Trainer(callbacks=[cb(), ckpt], **kw).fit(straight, datamodule=_data())
+    fresh, resumed = TinyConvNet(), cb()
+    pl.Trainer(callbacks=[resumed], **kw).fit(fresh, datamodule=_data(), ckpt_path=tmp_path / "step=4.ckpt")
+    assert resumed._warmup_steps == 6 and resumed.position(0) == 8
+    a, b = dict(straight.named_parameters()), dict(fresh.named_parameters())
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_gamma_warmup_needs_a_length_and_must_precede_the_freeze(trainer_kwargs):
+    with pytest.raises(ValueError, match=r"`gamma_warmup` \(0.2\) needs a finite training length"):
+        pl.Trainer(max_epochs=-1, callbacks=[SelfCompression(1.0, gamma_warmup=0.2)], **trainer_kwargs).fit(
+            TinyConvNet(), datamodule=_data())
+    with pytest.raises(ValueError, match=r"`gamma_warmup` \(0.8\) must be below `freeze_at` \(0.75\)"):
+        SelfCompression(1.0, gamma_warmup=0.8)
+    SelfCompression(1.0, gamma_warmup=0.8, freeze_at=None)  # no freeze: any ramp in (0, 1)
