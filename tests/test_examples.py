@@ -161,10 +161,10 @@ def test_self_compression_benchmark_distills_warms_up_and_caches_the_float_run(t
 
     bench.train = spy
     try:
-        second = bench.main([*args, "--distill", "--gamma-warmup", "0.2"])
+        second = bench.main([*args, "--distill", "--gamma-warmup", "0.3"])
     finally:
         bench.train = original
     text = capsys.readouterr().out
     assert "float model read from" in text and "distilled from the float model" in text
-    assert len(seen) == 1 and seen[0][0]["gamma_warmup"] == 0.2 and isinstance(seen[0][1], torch.nn.Module)
+    assert len(seen) == 1 and seen[0][0]["gamma_warmup"] == 0.3 and isinstance(seen[0][1], torch.nn.Module)
     assert first["digits"]["float"] == second["digits"]["float"]  # the cached float run, not a new one

@@ -265,7 +265,8 @@ def run(gamma: float | None, args) -> dict:
     if gamma is not None:
         callbacks.append(SelfCompression(gamma, init_bits=DEFAULTS["init_bits"], plot_path=False, remove_channels=True,
                                          removal_interval=args.interval, shift_decay=args.shift_decay,
-                                         freeze_at=args.freeze_at or None, compute_gamma=args.compute_gamma))
+                                         freeze_at=args.freeze_at or None, compute_gamma=args.compute_gamma,
+                                         gamma_warmup=args.gamma_warmup or None))
     trainer = pl.Trainer(
         max_epochs=args.epochs, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
         enable_checkpointing=False, callbacks=callbacks, num_sanity_val_steps=0, limit_val_batches=0,
@@ -297,6 +298,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=cli.positive_int, default=1, help="torch.set_num_threads for training and latency")
     parser.add_argument("--batches", type=cli.positive_int, nargs="+", default=[1, 32, 256], help="latency batch sizes")
     parser.add_argument("--reps", type=cli.positive_int, default=400, help="timed forwards per net and batch size")
+    parser.add_argument("--gamma-warmup", type=cli.non_negative_float, default=0.0,
+                        help="SelfCompression(gamma_warmup=...): both size terms ramp up over this share of the steps; 0: off")
     parser.add_argument("--compute-gamma", type=cli.non_negative_float, default=0.5,
                         help="SelfCompression(compute_gamma=...): weight of the compute-weighted size term")
     parser.add_argument("--steps", type=cli.positive_int, default=100, help="interleaved training steps per net")
@@ -322,7 +325,7 @@ def main(argv: list[str] | None = None) -> dict:
     cb, stats, clock = comp["callback"], comp["stats"], comp["clock"]
 
     what = (f"{args.model} ({'widths ' + str(args.widths) if args.model == 'resnet9' else 'channels 32, 64, 64'}), "
-            f"gamma={args.gamma:g}, compute_gamma={args.compute_gamma:g}, shift_decay={args.shift_decay:g}, freeze_at={args.freeze_at}, {args.epochs} epochs, removal every "
+            f"gamma={args.gamma:g}, compute_gamma={args.compute_gamma:g}, shift_decay={args.shift_decay:g}, freeze_at={args.freeze_at}, gamma_warmup={args.gamma_warmup}, {args.epochs} epochs, removal every "
             f"{args.interval} step(s), seed {args.seed}")
     print(what)
     dead = dead_producers(comp["model"])

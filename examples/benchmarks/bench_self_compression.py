@@ -7,9 +7,9 @@ percentage points below the float model's, over seeds, on
 * ``resnet9``: the ResNet-9 example (``examples.models.ResNet9``) at narrow widths (16, 32, 64, 128);
 * ``mobilenet``: a MobileNet-style depthwise-separable net with an inverted-residual block, defined
   here (not in ``examples/``);
-* ``tv_resnet18``: torchvision's ``resnet18(num_classes=10)``, unmodified, random init, on the digits
-  upsampled to 3x32x32 (needs torchvision: run it in ``.venv-vision`` set up with
-  ``VISION_LIGHTNING=1 scripts/setup_vision_env.sh``).
+* ``tv_mobilenet_v3`` / ``tv_resnet18``: torchvision's ``mobilenet_v3_small`` / ``resnet18`` with
+  ``num_classes=10``, unmodified, random init, on the digits upsampled to 3x32x32 (needs torchvision: run
+  them in ``.venv-vision`` set up with ``VISION_LIGHTNING=1 scripts/setup_vision_env.sh``).
 
 Every run uses the user's ordinary set-up: ``AdamW(self.parameters(), lr=3e-3)`` with a per-epoch
 cosine schedule and label smoothing 0.1 (the same for the float run); the compressed run adds
@@ -53,7 +53,7 @@ from pl_optim.compression import compression_stats, load_packed, recalibrate_bat
 
 #: THE recipe (the callback's arguments; every other argument at its default). Chosen on the digits
 #: ConvNet (docs/self_compression.md lists the sweep) and applied unchanged to every architecture.
-RECIPE = dict(gamma=0.25, lr=0.05, exponent_lr=0.01, remove_channels=True, freeze_at=0.75, gamma_warmup=None)
+RECIPE = dict(gamma=0.25, lr=0.05, exponent_lr=0.01, remove_channels=True, freeze_at=0.75, gamma_warmup=0.2)
 #: whether the recipe distils the compressed run from the float model of the same seed
 DISTILL = False
 EPOCHS = 40
@@ -133,6 +133,16 @@ class TorchvisionResNet18(_Ordinary, DigitsConvNet):
         return resnet18(num_classes=self.hparams.num_classes)
 
 
+class TorchvisionMobileNetV3(_Ordinary, DigitsConvNet):
+    """torchvision's ``mobilenet_v3_small(num_classes=10)`` as it is (random init: squeeze-excitation gates,
+    hardswish, dropout 0.2 in the head), on 3x32x32 inputs."""
+
+    def build_net(self) -> nn.Module:
+        from torchvision.models import mobilenet_v3_small
+
+        return mobilenet_v3_small(num_classes=self.hparams.num_classes)
+
+
 class Digits32(DigitsDataModule):
     """The digits, upsampled (bilinear) to 32x32 and repeated to 3 channels (torchvision's input layout)."""
 
@@ -145,8 +155,9 @@ class Digits32(DigitsDataModule):
                 ds.tensors = (F.interpolate(x, size=32, mode="bilinear", align_corners=False).repeat(1, 3, 1, 1), y)
 
 
-ARCHS = {"digits": DigitsNet, "resnet9": NarrowResNet9, "mobilenet": MobileNetLike, "tv_resnet18": TorchvisionResNet18}
-DATA = {"tv_resnet18": Digits32}
+ARCHS = {"digits": DigitsNet, "resnet9": NarrowResNet9, "mobilenet": MobileNetLike,
+         "tv_resnet18": TorchvisionResNet18, "tv_mobilenet_v3": TorchvisionMobileNetV3}
+DATA = {"tv_resnet18": Digits32, "tv_mobilenet_v3": Digits32}
 
 
 def train(arch: str, recipe: dict | None, seed: int, epochs: int = EPOCHS, teacher: nn.Module | None = None) -> dict:
@@ -208,11 +219,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cache", type=Path, default=None,
                         help="folder keeping the float runs (accuracy and weights) per arch/seed/epochs for reuse")
     args = parser.parse_args(argv)
-    if "tv_resnet18" in args.arch:
+    for arch in (a for a in args.arch if a in DATA):
         try:
             import torchvision.models  # noqa: F401
         except Exception as err:  # noqa: BLE001 - a CUDA torchvision beside the CPU torch raises RuntimeError
-            parser.error(f"--arch tv_resnet18 needs a torchvision that imports ({type(err).__name__}: {str(err).splitlines()[0]}); run it "
+            parser.error(f"--arch {arch} needs a torchvision that imports ({type(err).__name__}: {str(err).splitlines()[0]}); run it "
                          "with .venv-vision/bin/python after `VISION_LIGHTNING=1 scripts/setup_vision_env.sh`")
     torch.set_num_threads(1)
     recipe = dict(RECIPE, gamma=args.gamma, freeze_at=args.freeze_at, gamma_warmup=args.gamma_warmup)
