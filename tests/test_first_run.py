@@ -74,6 +74,8 @@ def test_benchmark_help_lists_every_default(script, capsys):
         ("examples.benchmarks.bench_channel_removal", ["--epochs", "0"], "argument --epochs: must be an integer >= 1, got 0"),
         ("examples.benchmarks.bench_channel_removal", ["--gamma", "-1"], "argument --gamma: must be a positive finite number, got -1.0"),
         ("examples.benchmarks.bench_channel_removal", ["--model", "vgg"], "argument --model: invalid choice: 'vgg'"),
+        ("examples.benchmarks.bench_channel_removal", ["--gamma-warmup", "0.8"],
+         "argument --gamma-warmup: must be below --freeze-at (0.75) and 1, got 0.8"),
         ("examples.benchmarks.bench_one_cycle", ["--reps", "two"], "argument --reps: expected int, got 'two'"),
         ("examples.benchmarks.bench_one_cycle", ["--warmup", "-3"], "argument --warmup: must be an integer >= 0, got -3"),
         ("examples.benchmarks.bench_self_compression", ["--seeds"], "argument --seeds: expected at least one argument"),

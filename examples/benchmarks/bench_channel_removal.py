@@ -1,7 +1,8 @@
 """Benchmark: removing dead channels during training (SelfCompression(remove_channels=True)).
 
 One float run and one self-compressing run of the ResNet-9 shape (default: the example's widths,
-64/128/256/512, gamma 1, compute_gamma 0.5, bits frozen for the last quarter, 45 epochs) or
+64/128/256/512, gamma 1, compute_gamma 0.5, both ramped up over the first 20% of the steps, bits frozen
+for the last quarter, 45 epochs) or
 (``--model digits``) the digits ConvNet, with the recipe of ``examples.compress_digits`` (AdamW,
 cosine lr); then prints the issue-6 ratios, all measured in this one process:
 
@@ -298,7 +299,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=cli.positive_int, default=1, help="torch.set_num_threads for training and latency")
     parser.add_argument("--batches", type=cli.positive_int, nargs="+", default=[1, 32, 256], help="latency batch sizes")
     parser.add_argument("--reps", type=cli.positive_int, default=400, help="timed forwards per net and batch size")
-    parser.add_argument("--gamma-warmup", type=cli.non_negative_float, default=0.0,
+    parser.add_argument("--gamma-warmup", type=cli.non_negative_float, default=0.2,
                         help="SelfCompression(gamma_warmup=...): both size terms ramp up over this share of the steps; 0: off")
     parser.add_argument("--compute-gamma", type=cli.non_negative_float, default=0.5,
                         help="SelfCompression(compute_gamma=...): weight of the compute-weighted size term")
@@ -306,6 +307,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--save", help="torch.save the float and the exported net here (for --load)")
     parser.add_argument("--load", help="skip training: latency of the nets saved by --save")
     args = parser.parse_args(argv)
+    if args.gamma_warmup and args.gamma_warmup >= (args.freeze_at or 1.0):
+        parser.error(f"argument --gamma-warmup: must be below --freeze-at ({args.freeze_at}) and 1, got {args.gamma_warmup}")
     torch.set_num_threads(args.threads)
     if args.load:
         saved = torch.load(args.load, weights_only=False)
