@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -152,6 +153,8 @@ def test_self_compression_benchmark_distills_warms_up_and_caches_the_float_run(t
     first = bench.main(args)
     assert "training the float model" in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["digits_seed3_epochs2.json", "digits_seed3_epochs2.pt"]
+    cached = tmp_path / "digits_seed3_epochs2.json"
+    cached.write_text(json.dumps({"acc": 0.5}))  # a value no training gives: the second run must read it
     seen = []
     original = bench.train
 
@@ -167,4 +170,4 @@ def test_self_compression_benchmark_distills_warms_up_and_caches_the_float_run(t
     text = capsys.readouterr().out
     assert "float model read from" in text and "distilled from the float model" in text
     assert len(seen) == 1 and seen[0][0]["gamma_warmup"] == 0.3 and isinstance(seen[0][1], torch.nn.Module)
-    assert first["digits"]["float"] == second["digits"]["float"]  # the cached float run, not a new one
+    assert first["digits"]["float"] != [0.5] and second["digits"]["float"] == [0.5]  # the cached float run, not a new one

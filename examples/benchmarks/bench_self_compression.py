@@ -212,18 +212,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--epochs", type=positive_int, default=EPOCHS, help="epochs of every run")
     parser.add_argument("--gamma", type=positive_float, default=RECIPE["gamma"], help="SelfCompression(gamma=...)")
     parser.add_argument("--freeze-at", type=fraction, default=RECIPE["freeze_at"], help="SelfCompression(freeze_at=...)")
-    parser.add_argument("--gamma-warmup", type=fraction, default=RECIPE.get("gamma_warmup"),
+    parser.add_argument("--gamma-warmup", type=fraction, default=RECIPE["gamma_warmup"],
                         help="SelfCompression(gamma_warmup=...): linear ramp of gamma over this share of the steps")
     parser.add_argument("--distill", action=argparse.BooleanOptionalAction, default=DISTILL,
                         help=f"distil the compressed run from the float model of the same seed (a={DISTILL_ALPHA}, T={DISTILL_T})")
     parser.add_argument("--cache", type=Path, default=None,
                         help="folder keeping the float runs (accuracy and weights) per arch/seed/epochs for reuse")
     args = parser.parse_args(argv)
-    for arch in (a for a in args.arch if a in DATA):
+    vision = [a for a in args.arch if a in DATA]
+    if vision:
         try:
             import torchvision.models  # noqa: F401
         except Exception as err:  # noqa: BLE001 - a CUDA torchvision beside the CPU torch raises RuntimeError
-            parser.error(f"--arch {arch} needs a torchvision that imports ({type(err).__name__}: {str(err).splitlines()[0]}); run it "
+            parser.error(f"--arch {vision[0]} needs a torchvision that imports ({type(err).__name__}: {str(err).splitlines()[0]}); run it "
                          "with .venv-vision/bin/python after `VISION_LIGHTNING=1 scripts/setup_vision_env.sh`")
     torch.set_num_threads(1)
     recipe = dict(RECIPE, gamma=args.gamma, freeze_at=args.freeze_at, gamma_warmup=args.gamma_warmup)
