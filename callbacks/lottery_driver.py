@@ -32,7 +32,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
 from pl_optim.callbacks.lottery_ticket import LotteryTicket, check_rewind_to
-from pl_optim.checks import boolean, fraction, integer, one_of
+from pl_optim.checks import boolean, fraction, integer, one_of, patterns
 from pl_optim.compression.surgery import apply_kept
 from pl_optim.lottery.masks import (
     SCOPES,
@@ -173,6 +173,7 @@ def find_ticket(
             round 0's length (raised by round 0's fit), or a ``directory`` holding a search with
             other settings.
     """
+    patterns("layers", layers), patterns("exclude", exclude)  # checked here; stored as given
     settings = {
         "rounds": integer("rounds", rounds, minimum=1),
         "prune_fraction": fraction("prune_fraction", prune_fraction),

@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from pl_optim.callbacks._base import StepHookCallback, refuse_sharded_strategy
 from pl_optim.callbacks._schedule_length import derive_total_steps
-from pl_optim.checks import integer
+from pl_optim.checks import integer, patterns
 from pl_optim.compression.surgery import apply_kept, match_shapes
 from pl_optim.lottery.masks import MaskSet, check_masks, prunable_weights, remaining
 from pl_optim.lottery.rewind import clear_optimizer_state, reinitialize
@@ -86,7 +86,7 @@ class LotteryTicket(StepHookCallback):
     ) -> None:
         self.masks = {n: torch.as_tensor(m, dtype=torch.bool) for n, m in masks.items()} if masks is not None else None
         self.kept = kept_from_lists(kept) if kept else {}
-        self.layers, self.exclude = layers, exclude
+        self.layers, self.exclude = patterns("layers", layers) or None, patterns("exclude", exclude) or None
         self.rewind_step = check_rewind_to(rewind_to)
         self.rewind_path = Path(rewind_path) if rewind_path is not None else None
         self.reinit_seed = integer("reinit_seed", reinit_seed, allow_none=True)

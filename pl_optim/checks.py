@@ -18,6 +18,7 @@ Example::
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
@@ -147,3 +148,24 @@ def optimizer_in_range(name: str, index: int, n: int) -> int:
     if index >= n:
         raise ValueError(f"`{name}` is {index!r} but the model configures {n} optimizer(s)")
     return index
+
+
+def patterns(name: str, value: object, also: str = "") -> list[str]:
+    """``None`` (no pattern), one regular expression or a list/tuple of them, each checked to compile.
+
+    The one check behind every name-pattern argument (``DecoupledWeightDecay(exclude=...)``,
+    ``LotteryTicket(layers=..., exclude=...)``); callers match with ``re.search``. ``also`` names a
+    further accepted kind (handled by the caller) in the message.
+    """
+    if value is None:
+        return []
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(p, str) for p in items):
+        kinds = f"None, a name pattern, a list of patterns{f' or {also}' if also else ''}"
+        raise ValueError(f"`{name}` must be {kinds}, got {value!r}")
+    for p in items:
+        try:
+            re.compile(p)
+        except re.error as err:
+            raise ValueError(f"`{name}` pattern {p!r} is not a valid regular expression ({err}), got {value!r}") from None
+    return list(items)

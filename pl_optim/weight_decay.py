@@ -147,22 +147,9 @@ def compile_exclude(exclude: Exclude, exclude_1d: bool = True) -> tuple[ExcludeP
     Raises:
         ValueError: ``exclude`` has another type, or a pattern is not a valid regular expression.
     """
-    patterns: list[str] = []
-    user: ExcludePredicate | None = None
-    if isinstance(exclude, str):
-        patterns = [exclude]
-    elif callable(exclude):
-        user = exclude
-    elif exclude is not None:
-        if not isinstance(exclude, Sequence) or not all(isinstance(x, str) for x in exclude):
-            raise ValueError(
-                f"`exclude` must be None, a name pattern, a sequence of patterns or a predicate, got {exclude!r}"
-            )
-        patterns = list(exclude)
-    try:
-        compiled = [re.compile(p) for p in patterns]
-    except re.error as err:
-        raise ValueError(f"`exclude` pattern is not a valid regular expression ({err}), got {exclude!r}") from None
+    user: ExcludePredicate | None = exclude if callable(exclude) else None
+    patterns = [] if user is not None else checks.patterns("exclude", exclude, also="a predicate (name, param) -> bool")
+    compiled = [re.compile(p) for p in patterns]
 
     def predicate(name: str, param: torch.Tensor) -> bool:
         if exclude_1d and param.ndim <= 1:

@@ -184,7 +184,8 @@ def attach_quantizers(
     for x in exclude:
         if not any(name == x or name.startswith(x + ".") for name in layers):
             raise ValueError(
-                f"`exclude` name {x!r} matches no Conv1d/Conv2d/Conv3d/Linear layer; layers are: {sorted(layers)}"
+                f"`exclude` name {x!r} matches no Conv1d/Conv2d/Conv3d/Linear layer (exclude takes qualified layer "
+                f"names or their prefixes, not regular expressions); layers are: {sorted(layers)}"
             )
     already = quantized_layers(model)
     attached = {}

@@ -41,27 +41,13 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from pl_optim.checks import fraction, one_of
+from pl_optim.checks import fraction, one_of, patterns
 from pl_optim.steps import StepLedger, _Subscription, check_optimizers
 from pl_optim.weight_decay import unmatched_patterns
 
 Masks = dict[str, torch.Tensor]
 SCOPES: tuple[str, ...] = ("global", "layerwise")
 _PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-
-
-def _patterns(name: str, value: str | Sequence[str] | None) -> list[str]:
-    if value is None:
-        return []
-    items = [value] if isinstance(value, str) else value
-    if not isinstance(items, (list, tuple)) or not all(isinstance(p, str) for p in items):
-        raise ValueError(f"`{name}` must be None, a name pattern or a list of patterns, got {value!r}")
-    for p in items:
-        try:
-            re.compile(p)
-        except re.error as err:
-            raise ValueError(f"`{name}` pattern {p!r} is not a valid regular expression: {err}") from None
-    return list(items)
 
 
 def prunable_weights(
@@ -82,7 +68,7 @@ def prunable_weights(
         ValueError: no prunable layer is left, or a pattern matches no Conv/Linear layer (the
             message names the pattern and lists the prunable layers).
     """
-    wanted, dropped = _patterns("layers", layers), _patterns("exclude", exclude)
+    wanted, dropped = patterns("layers", layers), patterns("exclude", exclude)
     candidates = [
         (name, m) for name, m in model.named_modules()
         if isinstance(m, _PRUNABLE) and isinstance(getattr(m, "weight", None), nn.Parameter)
