@@ -4,16 +4,18 @@ One float run and one self-compressing run of the ResNet-9 shape (default: the e
 64/128/256/512, gamma 1, compute_gamma 0.5, both ramped up over the first 20% of the steps, bits frozen
 for the last quarter, 45 epochs) or
 (``--model digits``) the digits ConvNet, with the recipe of ``examples.compress_digits`` (AdamW,
-cosine lr); then prints the issue-6 ratios, all measured in this one process:
+cosine lr); then prints, all measured in this one process (the headline targets of issue 11, on 5 seeds:
+<= 3% of the weights at <= 0.5 pp accuracy drop, last / first epoch wall time <= 0.15, exported latency
+<= 0.3x the float model's at batch 32):
 
-* % of weights and % of float bits kept, accuracy drop vs. float (target: <= 18%, <= 3%, <= 0.5 pp);
+* % of weights and % of float bits kept, accuracy drop vs. float;
   dead channels still present, split into "dead in every producer of a residual sum" and "dead in
   one producer only" (those stay: the other producer still writes the channel);
 * last-epoch / first-epoch training wall time per epoch, and the epoch from which >= 75% of the
-  weights are gone (target <= 0.5); because epochs cannot be interleaved, also one training step
+  weights are gone; because epochs cannot be interleaved, also one training step
   of the full-size quantised net vs. the shrunk net, interleaved on the same batch;
 * CPU latency of the exported model / the float model with the same widths (wall clock, interleaved,
-  median [min-max], batch 1, 32 and 256; target <= 0.35), a per-stage profile and the MACs; then
+  median [min-max], batch 1, 32 and 256), a per-stage profile and the MACs; then
   the same with both nets passed through ``simplify_for_inference`` (BatchNorm folded in both);
 * cost of one removal event in optimizer steps of time (target <= 5), and the one-off cost of
   tracing the network.
@@ -197,7 +199,7 @@ def _latency_ratios(base_net: torch.nn.Module, exported: torch.nn.Module, dm: Di
         pair = statistics.median(e / f for e, f in zip(t["exported"], t["float"]))
         ratios[batch] = ratio
         print(f"  batch {batch:>3}: float {_fmt(t['float'])} | exported {_fmt(t['exported'])} | "
-              f"ratio of medians {ratio:.2f}, median of paired ratios {pair:.2f} (target <= 0.35)")
+              f"ratio of medians {ratio:.2f}, median of paired ratios {pair:.2f}{' (target <= 0.3)' if batch == 32 else ''}")
     return ratios
 
 
@@ -345,8 +347,8 @@ def main(argv: list[str] | None = None) -> dict:
                   + " (kept: another producer of the sum still uses them)")
     drop = 100 * (base["acc"] - comp["acc"])
     print(f"accuracy: float {100 * base['acc']:.2f}% | compressed {100 * comp['acc']:.2f}% (drop {drop:+.2f} pp)")
-    print(f"weights kept {stats['weights_pct']:.2f}% (target <= 18%) | bits kept {stats['bits_pct']:.2f}% "
-          f"(target <= 3%) | drop <= 0.5 pp: {'yes' if drop <= 0.5 else 'no'}")
+    print(f"weights kept {stats['weights_pct']:.2f}% (target <= 3%) | bits kept {stats['bits_pct']:.2f}% "
+          f"| drop <= 0.5 pp: {'yes' if round(drop, 4) <= 0.5 else 'no'}")
     params_float = sum(p.numel() for p in base["model"].net.parameters())
     exported = export_compressed(comp["model"].net, torch.zeros(2, 1, 8, 8))
     params_small = sum(p.numel() for p in exported.parameters())
@@ -367,7 +369,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"torch.set_num_threads({torch.get_num_threads()})), s: " + " ".join(f"{t:.2f}" for t in clock.epochs))
     print("% weights at each epoch end: " + " ".join(f"{w:.0f}" for w in clock.weights)
           + f"; >= 75% of weights gone from epoch {gone75 if gone75 is not None else 'never'}")
-    print(f"epoch wall time last/first {ratio:.2f} (target <= 0.5; the float run's own last/first is {base_ratio:.2f}, "
+    print(f"epoch wall time last/first {ratio:.2f} (target <= 0.15; the float run's own last/first is {base_ratio:.2f}, "
           f"the first epoch carries warm-up) | last / last full-size epoch ({full}) {clock.epochs[-1] / clock.epochs[full]:.2f}"
           f" | CPU time last/first {clock.cpu[-1] / clock.cpu[0]:.2f}")
     print(f"median step wall time: first epoch {1e3 * first:.2f} ms, last epoch {1e3 * last:.2f} ms, last/first "
