@@ -143,6 +143,31 @@ def test_channel_removal_benchmark_runs_end_to_end(tmp_path, capsys):
     assert set(again["latency"]["simplified"]) == {1}
 
 
+def test_channel_removal_benchmark_distills_from_the_float_run(monkeypatch, capsys):
+    """--distill: every training step of the compressed run mixes in the float baseline's soft targets
+    (the teacher is the float run's net, never the student); refused with --model digits."""
+    from examples.benchmarks import _distill
+    from examples.benchmarks.bench_channel_removal import main
+
+    teachers = []
+    original = _distill.distill_loss
+
+    def counted(loss, logits, x, teacher):
+        teachers.append(teacher)
+        return original(loss, logits, x, teacher)
+
+    monkeypatch.setattr(_distill, "distill_loss", counted)
+    out = main(["--widths", "4", "8", "8", "8", "--epochs", "1", "--reps", "2", "--steps", "1", "--batches", "1",
+                "--distill"])
+    assert "distilled from the float run" in capsys.readouterr().out
+    assert len(teachers) == 23 and len({id(t) for t in teachers}) == 1  # 1,437 images / 64 per batch
+    assert not any("parametrizations" in n for n, _ in teachers[0].named_modules())
+    assert 0 < out["weights_pct"] <= 100
+    with pytest.raises(SystemExit):
+        main(["--model", "digits", "--distill", "--epochs", "1"])
+    assert "--distill: only with --model resnet9" in capsys.readouterr().err
+
+
 def test_self_compression_benchmark_distills_warms_up_and_caches_the_float_run(tmp_path, capsys):
     """bench_self_compression end to end on 2 epochs (smoke test: the figures come from the full runs in
     docs/self_compression.md): the float run is cached and read back with the same accuracy; --distill

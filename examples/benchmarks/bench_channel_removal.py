@@ -40,6 +40,7 @@ import torch
 from lightning.pytorch import Callback
 
 from examples.benchmarks import _cli as cli
+from examples.benchmarks._distill import ALPHA, Distilled, T
 from examples.compress_digits import DEFAULTS, CompressibleDigitsConvNet, _accuracy
 from examples.data import DigitsDataModule
 from examples.models import ResNet9
@@ -243,11 +244,19 @@ def train_step_times(full: torch.nn.Module, small: torch.nn.Module, dm: DigitsDa
     return dict(zip(("full", "shrunk"), _interleaved(fns, reps, warmup=5)))
 
 
-class CompressibleResNet9(ResNet9):
+class CompressibleResNet9(Distilled, ResNet9):
     """The ResNet-9 shape on 1-channel digits with the same optimizer recipe as
-    :class:`examples.compress_digits.CompressibleDigitsConvNet` (AdamW, cosine, quantiser group)."""
+    :class:`examples.compress_digits.CompressibleDigitsConvNet` (AdamW, cosine, quantiser group);
+    distilled from ``teacher`` when it is set (``--distill``)."""
 
     configure_optimizers = CompressibleDigitsConvNet.configure_optimizers
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        if not self.teacher:
+            return super().training_step(batch, batch_idx)
+        x, y = batch
+        logits = self(x)
+        return self.distilled(torch.nn.functional.cross_entropy(logits, y), logits, x)
 
     def __init__(self, epochs: int, quant_lr: float, widths: tuple[int, ...], **kwargs) -> None:
         super().__init__(widths=widths, in_channels=1, optimizer="adamw", **kwargs)
@@ -255,7 +264,7 @@ class CompressibleResNet9(ResNet9):
         self.freeze_quant_at = None  # plain cosine for every group
 
 
-def run(gamma: float | None, args) -> dict:
+def run(gamma: float | None, args, teacher: torch.nn.Module | None = None) -> dict:
     pl.seed_everything(args.seed, verbose=False)
     dm = DigitsDataModule(batch_size=DEFAULTS["batch_size"])
     common = dict(epochs=args.epochs, quant_lr=args.quant_lr, lr=DEFAULTS["lr"], weight_decay=0.0)
@@ -263,6 +272,8 @@ def run(gamma: float | None, args) -> dict:
         model = CompressibleResNet9(widths=tuple(args.widths), **common)
     else:
         model = CompressibleDigitsConvNet(**common)
+    if teacher is not None:
+        model.teacher = (teacher.eval(),)
     clock = EpochClock()
     callbacks = [clock]
     if gamma is not None:
@@ -306,9 +317,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--compute-gamma", type=cli.non_negative_float, default=0.5,
                         help="SelfCompression(compute_gamma=...): weight of the compute-weighted size term")
     parser.add_argument("--steps", type=cli.positive_int, default=100, help="interleaved training steps per net")
+    parser.add_argument("--distill", action="store_true",
+                        help=f"distil the compressed run from the float baseline just trained (a={ALPHA}, T={T}; --model resnet9)")
     parser.add_argument("--save", help="torch.save the float and the exported net here (for --load)")
     parser.add_argument("--load", help="skip training: latency of the nets saved by --save")
     args = parser.parse_args(argv)
+    if args.distill and args.model != "resnet9":
+        parser.error(f"argument --distill: only with --model resnet9, got --model {args.model}")
     if args.gamma_warmup and args.gamma_warmup >= (args.freeze_at or 1.0):
         parser.error(f"argument --gamma-warmup: must be below --freeze-at ({args.freeze_at}) and 1, got {args.gamma_warmup}")
     torch.set_num_threads(args.threads)
@@ -325,13 +340,13 @@ def main(argv: list[str] | None = None) -> dict:
     progress(f"training the float baseline ({args.epochs} epochs)")
     base = run(None, args)
     progress(f"training the compressed run ({args.epochs} epochs, channel removal on)")
-    comp = run(args.gamma, args)
+    comp = run(args.gamma, args, teacher=base["model"].net if args.distill else None)
     progress("done training: figures")
     cb, stats, clock = comp["callback"], comp["stats"], comp["clock"]
 
     what = (f"{args.model} ({'widths ' + str(args.widths) if args.model == 'resnet9' else 'channels 32, 64, 64'}), "
             f"gamma={args.gamma:g}, compute_gamma={args.compute_gamma:g}, shift_decay={args.shift_decay:g}, freeze_at={args.freeze_at}, gamma_warmup={args.gamma_warmup}, {args.epochs} epochs, removal every "
-            f"{args.interval} step(s), seed {args.seed}")
+            f"{args.interval} step(s), seed {args.seed}{f', distilled from the float run (a={ALPHA}, T={T})' if args.distill else ''}")
     print(what)
     dead = dead_producers(comp["model"])
     print("channels (before -> after, dead but still there): " + ", ".join(

@@ -45,6 +45,7 @@ from examples.benchmarks._cli import (
     positive_float,
     positive_int,
 )
+from examples.benchmarks._distill import ALPHA, Distilled, T
 from examples.compress_digits import _accuracy
 from examples.data import DigitsDataModule
 from examples.models import DigitsConvNet, Residual, ResNet9
@@ -59,26 +60,16 @@ DISTILL = False
 EPOCHS = 40
 LR = 3e-3
 LABEL_SMOOTHING = 0.1
-#: distillation (``--distill``): weight of the soft term and temperature (Hinton et al.'s usual values)
-DISTILL_ALPHA, DISTILL_T = 0.5, 2.0
 
 
-class _Ordinary:
+class _Ordinary(Distilled):
     """An ordinary user's optimizer and loss: AdamW over ``self.parameters()``, per-epoch cosine,
-    label smoothing."""
-
-    teacher: tuple[nn.Module, ...] = ()  # a tuple: never registered as a submodule (no quantisers on it)
+    label smoothing (plus distillation when ``teacher`` is set)."""
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
         logits = self(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=LABEL_SMOOTHING)
-        if not self.teacher:
-            return loss
-        with torch.no_grad():
-            soft = F.softmax(self.teacher[0](x) / DISTILL_T, dim=1)
-        kd = F.kl_div(F.log_softmax(logits / DISTILL_T, dim=1), soft, reduction="batchmean") * DISTILL_T**2
-        return (1 - DISTILL_ALPHA) * loss + DISTILL_ALPHA * kd
+        return self.distilled(F.cross_entropy(logits, y, label_smoothing=LABEL_SMOOTHING), logits, x)
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=0.0)
@@ -215,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--gamma-warmup", type=fraction, default=RECIPE["gamma_warmup"],
                         help="SelfCompression(gamma_warmup=...): linear ramp of gamma over this share of the steps")
     parser.add_argument("--distill", action=argparse.BooleanOptionalAction, default=DISTILL,
-                        help=f"distil the compressed run from the float model of the same seed (a={DISTILL_ALPHA}, T={DISTILL_T})")
+                        help=f"distil the compressed run from the float model of the same seed (a={ALPHA}, T={T})")
     parser.add_argument("--cache", type=Path, default=None,
                         help="folder keeping the float runs (accuracy and weights) per arch/seed/epochs for reuse")
     args = parser.parse_args(argv)
@@ -230,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
     recipe = dict(RECIPE, gamma=args.gamma, freeze_at=args.freeze_at, gamma_warmup=args.gamma_warmup)
     print(f"recipe: SelfCompression({', '.join(f'{k}={v}' for k, v in recipe.items())}), {args.epochs} epochs, "
           f"AdamW lr {LR:g} + cosine, label smoothing {LABEL_SMOOTHING:g}, "
-          f"{f'distilled from the float model (a={DISTILL_ALPHA}, T={DISTILL_T}), ' if args.distill else ''}"
+          f"{f'distilled from the float model (a={ALPHA}, T={T}), ' if args.distill else ''}"
           "BatchNorm recalibrated", flush=True)
     results = {}
     progress = Progress("bench_self_compression")
