@@ -26,6 +26,7 @@ Usage::
     python -m examples.benchmarks.bench_channel_removal --compute-gamma 0 --epochs 30   # weight-count term only
     python -m examples.benchmarks.bench_channel_removal --widths 32 64 128 256 --gamma 0.3 --compute-gamma 0 --freeze-at 0 --epochs 30
     python -m examples.benchmarks.bench_channel_removal --load nets.pt      # latency only, no training
+    python -m examples.benchmarks.bench_channel_removal --distill --seed 0  # compressed run distilled from the float one
 """
 
 from __future__ import annotations
