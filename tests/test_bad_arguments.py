@@ -160,6 +160,12 @@ ROWS = [
     ("sc-compute", _call(SelfCompression, gamma=0.3, compute_gamma=-0.5), ValueError, "compute_gamma", "-0.5"),
     ("sc-warmup-0", _call(SelfCompression, gamma=0.3, gamma_warmup=0.0), ValueError, "gamma_warmup", "0.0"),
     ("sc-warmup-str", _call(SelfCompression, gamma=0.3, gamma_warmup="0.1"), ValueError, "gamma_warmup", "'0.1'"),
+    ("sc-integer-bits", _call(SelfCompression, gamma=0.3, integer_bits="yes"), ValueError, "integer_bits", "'yes'"),
+    ("sc-integer-no-freeze", _call(SelfCompression, gamma=0.3, integer_bits=True, freeze_at=None), ValueError,
+     "integer_bits", "None"),
+    ("sc-anneal", _call(SelfCompression, gamma=0.3, anneal_lr=1), ValueError, "anneal_lr", "1"),
+    ("sc-anneal-no-freeze", _call(SelfCompression, gamma=0.3, anneal_lr=True, freeze_at=None), ValueError,
+     "anneal_lr", "None"),
     ("sc-warmup-freeze", _call(SelfCompression, gamma=0.3, gamma_warmup=0.9), ValueError, "gamma_warmup", "0.9"),
     # --- schedules -----------------------------------------------------------------------------
     ("cos-nan", lambda: Cosine(NAN, 0.0), ValueError, "start", "nan"),

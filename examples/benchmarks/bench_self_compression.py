@@ -54,7 +54,8 @@ from pl_optim.compression import compression_stats, load_packed, recalibrate_bat
 
 #: THE recipe (the callback's arguments; every other argument at its default). Chosen on the digits
 #: ConvNet (docs/self_compression.md lists the sweep) and applied unchanged to every architecture.
-RECIPE = dict(gamma=0.25, lr=0.05, exponent_lr=0.01, remove_channels=True, freeze_at=0.75, gamma_warmup=0.2)
+RECIPE = dict(gamma=0.25, lr=0.05, exponent_lr=0.01, remove_channels=True, freeze_at=0.75, gamma_warmup=0.2,
+              integer_bits=False, anneal_lr=False)
 #: whether the recipe distils the compressed run from the float model of the same seed
 DISTILL = False
 EPOCHS = 40
@@ -205,6 +206,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--freeze-at", type=fraction, default=RECIPE["freeze_at"], help="SelfCompression(freeze_at=...)")
     parser.add_argument("--gamma-warmup", type=fraction, default=RECIPE["gamma_warmup"],
                         help="SelfCompression(gamma_warmup=...): linear ramp of gamma over this share of the steps")
+    parser.add_argument("--integer-bits", action=argparse.BooleanOptionalAction, default=RECIPE["integer_bits"],
+                        help="SelfCompression(integer_bits=...): round the bit depths to integers at the freeze")
+    parser.add_argument("--anneal-lr", action=argparse.BooleanOptionalAction, default=RECIPE["anneal_lr"],
+                        help="SelfCompression(anneal_lr=...): bits/exponent lr cosine-decayed to 0 at the freeze")
     parser.add_argument("--distill", action=argparse.BooleanOptionalAction, default=DISTILL,
                         help=f"distil the compressed run from the float model of the same seed (a={ALPHA}, T={T})")
     parser.add_argument("--cache", type=Path, default=None,
@@ -218,7 +223,8 @@ def main(argv: list[str] | None = None) -> dict:
             parser.error(f"--arch {vision[0]} needs a torchvision that imports ({type(err).__name__}: {str(err).splitlines()[0]}); run it "
                          "with .venv-vision/bin/python after `VISION_LIGHTNING=1 scripts/setup_vision_env.sh`")
     torch.set_num_threads(1)
-    recipe = dict(RECIPE, gamma=args.gamma, freeze_at=args.freeze_at, gamma_warmup=args.gamma_warmup)
+    recipe = dict(RECIPE, gamma=args.gamma, freeze_at=args.freeze_at, gamma_warmup=args.gamma_warmup,
+                  integer_bits=args.integer_bits, anneal_lr=args.anneal_lr)
     print(f"recipe: SelfCompression({', '.join(f'{k}={v}' for k, v in recipe.items())}), {args.epochs} epochs, "
           f"AdamW lr {LR:g} + cosine, label smoothing {LABEL_SMOOTHING:g}, "
           f"{f'distilled from the float model (a={ALPHA}, T={T}), ' if args.distill else ''}"

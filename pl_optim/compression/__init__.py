@@ -40,6 +40,7 @@ from pl_optim.compression.quantizer import (
     quantizer_param_groups,
     quantizer_parameters,
     repair_nonfinite,
+    round_bits,
     snapshot,
     weight_parameters,
 )
@@ -86,6 +87,7 @@ __all__ = [
     "recalibrate_batchnorm",
     "repair_nonfinite",
     "restore_compressed",
+    "round_bits",
     "save_packed",
     "shrink_to_state_dict",
     "simplify_for_inference",

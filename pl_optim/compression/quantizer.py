@@ -215,6 +215,24 @@ def snapshot(model: nn.Module) -> list[torch.Tensor]:
     return [p.detach().clone() for p in quantizer_parameters(model)]
 
 
+def round_bits(model: nn.Module) -> int:
+    """Round every quantiser's bit depths to the nearest integer, in place (``round(max(b, 0))``, halves to
+    even): the bit depths the packed file stores, so the size counted is the size written. Channels
+    below half a bit become dead (``b = 0``). Meant for the moment the bit depths are frozen (the
+    "integer bit depths at the end" of the literature); idempotent.
+
+    Returns:
+        The number of channels whose bit depth changed.
+    """
+    changed = 0
+    with torch.no_grad():
+        for _, q in quantized_layers(model).values():
+            rounded = torch.round(q.bits.clamp_min(0))
+            changed += int((rounded != q.bits).sum())
+            q.bits.copy_(rounded)
+    return changed
+
+
 def _optimizer_entries(params: list[torch.Tensor], optimizers: Iterable[torch.optim.Optimizer]):
     for opt in optimizers:
         for p in params:

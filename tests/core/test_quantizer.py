@@ -15,7 +15,7 @@ from pl_optim.compression import (
     quantize,
     quantized_layers,
 )
-from pl_optim.compression.quantizer import initial_exponent, repair_nonfinite, snapshot
+from pl_optim.compression.quantizer import initial_exponent, repair_nonfinite, round_bits, snapshot
 
 
 @pytest.mark.parametrize(
@@ -160,3 +160,16 @@ def test_repair_nonfinite_restores_only_bad_entries():
     assert q.bits.tolist() == [7.0, 8.0, 7.0, 7.0]
     torch.testing.assert_close(q.exponent, saved[1])
     assert repair_nonfinite(model, saved) == 0
+
+
+def test_round_bits_rounds_to_the_stored_widths_and_kills_channels_under_half_a_bit():
+    layer = nn.Linear(4, 5)
+    attach_quantizers(layer)
+    q = layer.parametrizations.weight[0]
+    with torch.no_grad():
+        q.bits.copy_(torch.tensor([0.3, 0.5, 1.5, 2.7, -1.0]))
+    assert round_bits(layer) == 5
+    assert q.bits.tolist() == [0.0, 0.0, 2.0, 3.0, 0.0]  # halves to even; negative -> 0
+    assert dead_channels(q).tolist() == [True, True, False, False, True]
+    assert torch.equal(layer.weight[:2], torch.zeros(2, 4))  # dead: exactly zero weights
+    assert round_bits(layer) == 0  # idempotent
