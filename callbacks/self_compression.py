@@ -99,9 +99,6 @@ class SelfCompression(StepHookCallback):
         integer_bits: at ``freeze_at``, round the bit depths to integers (:func:`~pl_optim.compression.round_bits`;
             channels under half a bit die and are removed) so the weights fine-tune on, and the size counts,
             the bit depths the packed file stores. Needs ``freeze_at``. Default False.
-        anneal_lr: the ``bits``/``exponent`` learning rates follow a half cosine from ``lr``/``exponent_lr`` to 0
-            at ``freeze_at`` (the bit depths settle instead of stopping mid-walk). Needs ``freeze_at`` and the param
-            groups this callback adds. Default False.
 
     Raises:
         ValueError: a bad argument (at construction); at setup, an ``exclude`` name matching no conv/linear
@@ -130,7 +127,6 @@ class SelfCompression(StepHookCallback):
         compute_gamma: float = 0.0,
         gamma_warmup: float | None = None,
         integer_bits: bool = False,
-        anneal_lr: bool = False,
     ) -> None:
         self.gamma = float(non_negative("gamma", gamma))
         self.compute_gamma = float(non_negative("compute_gamma", compute_gamma))
@@ -148,11 +144,9 @@ class SelfCompression(StepHookCallback):
                              "the bits would be frozen before the size term is at full weight")
         self._warmup_steps = 0
         self.integer_bits = boolean("integer_bits", integer_bits)
-        self.anneal_lr = boolean("anneal_lr", anneal_lr)
-        for name, what in (("integer_bits", "rounds the bit depths when they are frozen"),
-                           ("anneal_lr", "decays the bits/exponent lr to 0 at the freeze")):
-            if getattr(self, name) and self.freeze_at is None:
-                raise ValueError(f"`{name}` (True) {what}: it needs `freeze_at` (a fraction in (0, 1)), got None")
+        if self.integer_bits and self.freeze_at is None:
+            raise ValueError("`integer_bits` (True) rounds the bit depths when they are frozen: it needs `freeze_at` "
+                             "(a fraction in (0, 1)), got None")
         self.optimizers = integer("optimizers", optimizers, minimum=0)
         self.plot_path = check_plot_path(plot_path)
         self.history: list[dict[str, float]] = []
@@ -207,10 +201,6 @@ class SelfCompression(StepHookCallback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
         self._groups = self._place_parameters(trainer, pl_module)
-        if self.anneal_lr and not self._groups:
-            raise ValueError("SelfCompression(anneal_lr=True) schedules the bits/exponent param groups it adds, but "
-                             "configure_optimizers put them in groups of their own: pass `lr=` (the callback then "
-                             "takes them over) or drop `anneal_lr`")
         if self.removal is not None:  # an optimizer state the surgery cannot slice: refused now, not mid-training
             check_optimizer_state_sliceable(trainer.optimizers)
 
@@ -250,11 +240,6 @@ class SelfCompression(StepHookCallback):
         # for steps that update something: the size gradient is added exactly once per real step.
         pl_module = trainer.lightning_module
         self._frozen = self.position(index) >= self._freeze_step
-        if self.anneal_lr and math.isfinite(self._freeze_step):
-            factor = 0.5 * (1 + math.cos(math.pi * min(1.0, self.position(index) / self._freeze_step)))
-            for group, lr in self._groups:
-                if any(g is group for g in optimizer.param_groups):
-                    group["lr"] = lr * factor
         if self._frozen and self.integer_bits:
             round_bits(pl_module)  # idempotent: a no-op after the first frozen step (and after a resume)
         self._saved = snapshot(pl_module)

@@ -163,9 +163,6 @@ ROWS = [
     ("sc-integer-bits", _call(SelfCompression, gamma=0.3, integer_bits="yes"), ValueError, "integer_bits", "'yes'"),
     ("sc-integer-no-freeze", _call(SelfCompression, gamma=0.3, integer_bits=True, freeze_at=None), ValueError,
      "integer_bits", "None"),
-    ("sc-anneal", _call(SelfCompression, gamma=0.3, anneal_lr=1), ValueError, "anneal_lr", "1"),
-    ("sc-anneal-no-freeze", _call(SelfCompression, gamma=0.3, anneal_lr=True, freeze_at=None), ValueError,
-     "anneal_lr", "None"),
     ("sc-warmup-freeze", _call(SelfCompression, gamma=0.3, gamma_warmup=0.9), ValueError, "gamma_warmup", "0.9"),
     # --- schedules -----------------------------------------------------------------------------
     ("cos-nan", lambda: Cosine(NAN, 0.0), ValueError, "start", "nan"),

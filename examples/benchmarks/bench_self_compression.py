@@ -55,7 +55,7 @@ from pl_optim.compression import compression_stats, load_packed, recalibrate_bat
 #: THE recipe (the callback's arguments; every other argument at its default). Chosen on the digits
 #: ConvNet (docs/self_compression.md lists the sweep) and applied unchanged to every architecture.
 RECIPE = dict(gamma=0.25, lr=0.05, exponent_lr=0.01, remove_channels=True, freeze_at=0.75, gamma_warmup=0.2,
-              integer_bits=False, anneal_lr=False)
+              integer_bits=False)
 #: whether the recipe distils the compressed run from the float model of the same seed
 DISTILL = False
 EPOCHS = 40
@@ -208,8 +208,6 @@ def main(argv: list[str] | None = None) -> dict:
                         help="SelfCompression(gamma_warmup=...): linear ramp of gamma over this share of the steps")
     parser.add_argument("--integer-bits", action=argparse.BooleanOptionalAction, default=RECIPE["integer_bits"],
                         help="SelfCompression(integer_bits=...): round the bit depths to integers at the freeze")
-    parser.add_argument("--anneal-lr", action=argparse.BooleanOptionalAction, default=RECIPE["anneal_lr"],
-                        help="SelfCompression(anneal_lr=...): bits/exponent lr cosine-decayed to 0 at the freeze")
     parser.add_argument("--distill", action=argparse.BooleanOptionalAction, default=DISTILL,
                         help=f"distil the compressed run from the float model of the same seed (a={ALPHA}, T={T})")
     parser.add_argument("--cache", type=Path, default=None,
@@ -224,7 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "with .venv-vision/bin/python after `VISION_LIGHTNING=1 scripts/setup_vision_env.sh`")
     torch.set_num_threads(1)
     recipe = dict(RECIPE, gamma=args.gamma, freeze_at=args.freeze_at, gamma_warmup=args.gamma_warmup,
-                  integer_bits=args.integer_bits, anneal_lr=args.anneal_lr)
+                  integer_bits=args.integer_bits)
     print(f"recipe: SelfCompression({', '.join(f'{k}={v}' for k, v in recipe.items())}), {args.epochs} epochs, "
           f"AdamW lr {LR:g} + cosine, label smoothing {LABEL_SMOOTHING:g}, "
           f"{f'distilled from the float model (a={ALPHA}, T={T}), ' if args.distill else ''}"

@@ -4,7 +4,6 @@ groups, NaN repair, logging/report, bad input."""
 from __future__ import annotations
 
 import logging
-import math
 
 import lightning.pytorch as pl
 import pytest
@@ -204,34 +203,6 @@ def test_integer_bits_rounds_at_the_freeze_then_holds_them(trainer_kwargs):
     assert torch.equal(bits[4], bits[3].clamp_min(0).round())  # rounded at the freeze (step 4 of 8)
     assert all(torch.equal(bits[4], b) for b in bits[5:]) and bits[4].numel() == n  # then held
     assert not torch.equal(rec.weights[4], rec.weights[7])  # while the weights keep training
-
-
-def test_anneal_lr_decays_the_quantizer_groups_to_zero_at_the_freeze(trainer_kwargs):
-    class Lrs(Callback):
-        def __init__(self):
-            self.lrs = []
-
-        def on_train_batch_end(self, trainer, pl_module, *args):  # the lrs the step just used
-            self.lrs.append([g["lr"] for g in trainer.optimizers[0].param_groups])
-
-    pl.seed_everything(0)
-    model, rec, lrs = TinyConvNet(optimizer="sgd", lr=0.1, momentum=0.9), Record(), Lrs()
-    cb = SelfCompression(GAMMA, lr=0.05, exponent_lr=0.01, freeze_at=0.5, anneal_lr=True, remove_channels=False)
-    _fit(trainer_kwargs, model, cb, limit_train_batches=8, callbacks=[rec, lrs])
-    for step, (weights_lr, bits_lr, exponent_lr) in enumerate(lrs.lrs):  # freeze at step 4 of 8
-        factor = 0.5 * (1 + math.cos(math.pi * min(1.0, step / 4)))
-        assert weights_lr == 0.1 and bits_lr == pytest.approx(0.05 * factor) and exponent_lr == pytest.approx(0.01 * factor)
-    assert lrs.lrs[0][1] == 0.05 and lrs.lrs[4][1] == 0.0
-    assert all(torch.equal(rec.bits[3], b) for b in rec.bits[4:])  # lr 0 from the freeze on: held
-    assert not torch.equal(rec.bits[2], rec.bits[3])  # and trained before it
-
-
-def test_anneal_lr_refuses_quantizer_groups_it_does_not_own(trainer_kwargs):
-    model = OwnGroups()
-    before = model.net[0][0].weight.detach().clone()
-    with pytest.raises(ValueError, match=r"anneal_lr=True.*groups of their own.*`lr=`"):
-        _fit(trainer_kwargs, model, SelfCompression(1.0, anneal_lr=True), limit_train_batches=2)
-    assert torch.equal(model.net[0][0].parametrizations.weight.original, before)  # refused before any step
 
 
 def _bit_slices(model):
