@@ -55,7 +55,7 @@ from pl_optim.compression import compression_stats, load_packed, recalibrate_bat
 #: THE recipe (the callback's arguments; every other argument at its default). Chosen on the digits
 #: ConvNet (docs/self_compression.md lists the sweep) and applied unchanged to every architecture.
 RECIPE = dict(gamma=0.25, lr=0.05, exponent_lr=0.01, remove_channels=True, freeze_at=0.75, gamma_warmup=0.2,
-              integer_bits=False)
+              integer_bits=False, init_bits=8.0)
 #: whether the recipe distils the compressed run from the float model of the same seed
 DISTILL = False
 EPOCHS = 40
@@ -206,6 +206,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--freeze-at", type=fraction, default=RECIPE["freeze_at"], help="SelfCompression(freeze_at=...)")
     parser.add_argument("--gamma-warmup", type=fraction, default=RECIPE["gamma_warmup"],
                         help="SelfCompression(gamma_warmup=...): linear ramp of gamma over this share of the steps")
+    parser.add_argument("--init-bits", type=positive_float, default=RECIPE["init_bits"],
+                        help="SelfCompression(init_bits=...): every channel's starting bit depth")
     parser.add_argument("--integer-bits", action=argparse.BooleanOptionalAction, default=RECIPE["integer_bits"],
                         help="SelfCompression(integer_bits=...): round the bit depths to integers at the freeze")
     parser.add_argument("--distill", action=argparse.BooleanOptionalAction, default=DISTILL,
@@ -222,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "with .venv-vision/bin/python after `VISION_LIGHTNING=1 scripts/setup_vision_env.sh`")
     torch.set_num_threads(1)
     recipe = dict(RECIPE, gamma=args.gamma, freeze_at=args.freeze_at, gamma_warmup=args.gamma_warmup,
-                  integer_bits=args.integer_bits)
+                  integer_bits=args.integer_bits, init_bits=args.init_bits)
     print(f"recipe: SelfCompression({', '.join(f'{k}={v}' for k, v in recipe.items())}), {args.epochs} epochs, "
           f"AdamW lr {LR:g} + cosine, label smoothing {LABEL_SMOOTHING:g}, "
           f"{f'distilled from the float model (a={ALPHA}, T={T}), ' if args.distill else ''}"
@@ -244,8 +246,8 @@ def main(argv: list[str] | None = None) -> dict:
         bits = [c["bits_pct"] for _, c in rows]
         mean_drop, mean_bits = statistics.fmean(drops), statistics.fmean(bits)
         sd = statistics.stdev(drops) if len(drops) > 1 else 0.0
-        # accuracies are float32 (torchmetrics): 9 errors in 1,800 images come out as 0.50001 pp; compare at
-        # 1e-4 pp, far below one image (0.056 pp of 1,800)
+        # accuracies are float32: compare at 1e-4 pp, far below one image (0.056 pp of 5 x 359); with 359
+        # validation images 8 more errors than float over 5 seeds is 0.446 pp (met), 9 is 0.501 pp (not met)
         met = mean_bits <= 3.0 and round(mean_drop, 4) <= 0.5
         print(f"{arch}: {len(rows)} seed(s): float {statistics.fmean(100 * b['acc'] for b, _ in rows):.2f}% | "
               f"drop mean {mean_drop:+.2f} pp (sd {sd:.2f}, per seed {min(drops):+.2f} .. {max(drops):+.2f}) | "

@@ -17,7 +17,7 @@ over), W&B disabled unless ``--wandb`` is given.
 
 Tasks:
 
-* ``digits``: the demo DigitsConvNet (32, 64, 64) on sklearn's digits (1,437 train images).
+* ``digits``: the demo DigitsConvNet (32, 64, 64) on sklearn's digits (1,438 train images).
 * ``resnet9``: the ResNet-9 example at CPU widths (16, 32, 64, 128) on the same digits.
 * ``hard``: harder digits for a CPU — 400 training images, 20% of their labels replaced by a
   random other class, random ±1 pixel shifts; clean validation set (:class:`HardDigitsDataModule`).
@@ -80,7 +80,7 @@ class HardDigitsDataModule(DigitsDataModule):
     per ``seed``), and shifts every image by up to ``shift`` pixels each time it is drawn.
 
     Args:
-        train_size: training images kept (at most 1,437).
+        train_size: training images kept (at most 1,438).
         label_noise: share of training labels replaced, in [0, 1).
         shift: maximal random shift in pixels (0: no augmentation).
         **kwargs: :class:`examples.data.DigitsDataModule` arguments.
