@@ -170,8 +170,8 @@ def test_channel_removal_benchmark_distills_from_the_float_run(monkeypatch, caps
 
 def test_self_compression_benchmark_distills_warms_up_and_caches_the_float_run(tmp_path, capsys):
     """bench_self_compression end to end on 2 epochs (smoke test: the figures come from the full runs in
-    docs/self_compression.md): the float run is cached and read back with the same accuracy; --distill
-    and --gamma-warmup reach the compressed run."""
+    docs/self_compression.md): the float run is cached and read back with the same accuracy; --distill,
+    --gamma-warmup, --init-bits and --integer-bits reach the compressed run."""
     from examples.benchmarks import bench_self_compression as bench
 
     args = ["--arch", "digits", "--seeds", "3", "--epochs", "2", "--cache", str(tmp_path)]
@@ -189,10 +189,11 @@ def test_self_compression_benchmark_distills_warms_up_and_caches_the_float_run(t
 
     bench.train = spy
     try:
-        second = bench.main([*args, "--distill", "--gamma-warmup", "0.3"])
+        second = bench.main([*args, "--distill", "--gamma-warmup", "0.3", "--init-bits", "7", "--integer-bits"])
     finally:
         bench.train = original
     text = capsys.readouterr().out
     assert "float model read from" in text and "distilled from the float model" in text
     assert len(seen) == 1 and seen[0][0]["gamma_warmup"] == 0.3 and isinstance(seen[0][1], torch.nn.Module)
+    assert seen[0][0]["init_bits"] == 7.0 and seen[0][0]["integer_bits"] is True
     assert first["digits"]["float"] != [0.5] and second["digits"]["float"] == [0.5]  # the cached float run, not a new one
