@@ -239,9 +239,10 @@ class SelfCompression(StepHookCallback):
         # The ledger calls this once the step's gradients exist (unscaled under GradScaler) and only
         # for steps that update something: the size gradient is added exactly once per real step.
         pl_module = trainer.lightning_module
-        self._frozen = self.position(index) >= self._freeze_step
-        if self._frozen and self.integer_bits:
-            round_bits(pl_module)  # idempotent: a no-op after the first frozen step (and after a resume)
+        frozen = self.position(index) >= self._freeze_step
+        if frozen and not self._frozen and self.integer_bits:
+            round_bits(pl_module)  # once, as the bits freeze (after a resume: already integers, a no-op)
+        self._frozen = frozen
         self._saved = snapshot(pl_module)
         self._repair_count(clean_gradients(pl_module), trainer)
         if self._recorder is not None and self._recorder.active and self._recorder.positions:
