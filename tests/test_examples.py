@@ -197,3 +197,31 @@ def test_self_compression_benchmark_distills_warms_up_and_caches_the_float_run(t
     assert len(seen) == 1 and seen[0][0]["gamma_warmup"] == 0.3 and isinstance(seen[0][1], torch.nn.Module)
     assert seen[0][0]["init_bits"] == 7.0 and seen[0][0]["integer_bits"] is True
     assert first["digits"]["float"] != [0.5] and second["digits"]["float"] == [0.5]  # the cached float run, not a new one
+
+
+def test_channel_removal_benchmark_label_smoothing_and_recalibration(monkeypatch, capsys):
+    """--label-smoothing reaches the loss of both runs; --recalibrate re-estimates BatchNorm after each
+    run and prints the accuracy with the running statistics next to it; bad values are refused."""
+    import torch.nn.functional as F
+
+    from examples.benchmarks import bench_channel_removal as bench
+
+    smoothing = []
+    original = F.cross_entropy
+
+    def recorded(*args, **kwargs):
+        smoothing.append(kwargs.get("label_smoothing", 0.0))
+        return original(*args, **kwargs)
+
+    calls = []
+    monkeypatch.setattr(bench.torch.nn.functional, "cross_entropy", recorded)
+    monkeypatch.setattr(bench, "recalibrate_batchnorm", lambda net, inputs: calls.append(net) or 0)
+    bench.main(["--widths", "4", "8", "8", "8", "--epochs", "1", "--reps", "2", "--steps", "1", "--batches", "1",
+                "--label-smoothing", "0.1", "--recalibrate"])
+    text = capsys.readouterr().out
+    assert "label smoothing 0.1, BatchNorm recalibrated" in text and "before recalibration" in text
+    assert smoothing.count(0.1) == 46  # 23 steps of each run
+    assert len(calls) == 2 and calls[0] is not calls[1]
+    with pytest.raises(SystemExit):
+        bench.main(["--label-smoothing", "1", "--epochs", "1"])
+    assert "--label-smoothing: must be in [0, 1), got 1.0" in capsys.readouterr().err

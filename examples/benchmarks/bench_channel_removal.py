@@ -31,6 +31,7 @@ Usage::
 
 from __future__ import annotations
 
+import argparse
 import copy
 import statistics
 import time
@@ -47,7 +48,13 @@ from examples.data import DigitsDataModule
 from examples.models import ResNet9
 from pl_optim.callbacks import SelfCompression
 from pl_optim.callbacks._channel_removal import RemovalDriver
-from pl_optim.compression import attach_quantizers, compression_stats, dead_producers, export_compressed
+from pl_optim.compression import (
+    attach_quantizers,
+    compression_stats,
+    dead_producers,
+    export_compressed,
+    recalibrate_batchnorm,
+)
 from pl_optim.compression.graph import ChannelGraph
 from pl_optim.compression.inference import simplify_for_inference
 from pl_optim.compression.size import add_size_grad
@@ -253,15 +260,18 @@ class CompressibleResNet9(Distilled, ResNet9):
     configure_optimizers = CompressibleDigitsConvNet.configure_optimizers
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        if not self.teacher:
+        if not self.teacher and not self.label_smoothing:
             return super().training_step(batch, batch_idx)
         x, y = batch
         logits = self(x)
-        return self.distilled(torch.nn.functional.cross_entropy(logits, y), logits, x)
+        loss = torch.nn.functional.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        return self.distilled(loss, logits, x)
 
-    def __init__(self, epochs: int, quant_lr: float, widths: tuple[int, ...], **kwargs) -> None:
+    def __init__(self, epochs: int, quant_lr: float, widths: tuple[int, ...], label_smoothing: float = 0.0,
+                 **kwargs) -> None:
         super().__init__(widths=widths, in_channels=1, optimizer="adamw", **kwargs)
         self.epochs, self.quant_lr, self.exponent_lr = epochs, quant_lr, None
+        self.label_smoothing = label_smoothing
         self.freeze_quant_at = None  # plain cosine for every group
 
 
@@ -270,7 +280,7 @@ def run(gamma: float | None, args, teacher: torch.nn.Module | None = None) -> di
     dm = DigitsDataModule(batch_size=DEFAULTS["batch_size"])
     common = dict(epochs=args.epochs, quant_lr=args.quant_lr, lr=DEFAULTS["lr"], weight_decay=0.0)
     if args.model == "resnet9":
-        model = CompressibleResNet9(widths=tuple(args.widths), **common)
+        model = CompressibleResNet9(widths=tuple(args.widths), label_smoothing=args.label_smoothing, **common)
     else:
         model = CompressibleDigitsConvNet(**common)
     if teacher is not None:
@@ -290,6 +300,10 @@ def run(gamma: float | None, args, teacher: torch.nn.Module | None = None) -> di
         warnings.simplefilter("ignore")
         trainer.fit(model, datamodule=dm)
     out = {"model": model, "clock": clock, "acc": _accuracy(model.net, dm), "dm": dm}
+    out["acc_running"] = out["acc"]  # eval accuracy with the running BatchNorm statistics of training
+    if args.recalibrate:
+        recalibrate_batchnorm(model.net, (x for x, _ in dm.train_dataloader()))
+        out["acc"] = _accuracy(model.net, dm)
     if gamma is not None:
         out["callback"] = callbacks[1]
         out["stats"] = compression_stats(model.net)
@@ -320,9 +334,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=cli.positive_int, default=100, help="interleaved training steps per net")
     parser.add_argument("--distill", action="store_true",
                         help=f"distil the compressed run from the float baseline just trained (a={ALPHA}, T={T}; --model resnet9)")
+    parser.add_argument("--label-smoothing", type=cli.non_negative_float, default=0.0,
+                        help="cross_entropy(label_smoothing=...) of both runs (--model resnet9)")
+    parser.add_argument("--recalibrate", action=argparse.BooleanOptionalAction, default=False,
+                        help="recalibrate_batchnorm on the training set after each run (float and compressed) "
+                             "before measuring accuracy; both figures are printed")
     parser.add_argument("--save", help="torch.save the float and the exported net here (for --load)")
     parser.add_argument("--load", help="skip training: latency of the nets saved by --save")
     args = parser.parse_args(argv)
+    if args.label_smoothing >= 1:
+        parser.error(f"argument --label-smoothing: must be in [0, 1), got {args.label_smoothing}")
+    if args.label_smoothing and args.model != "resnet9":
+        parser.error(f"argument --label-smoothing: only with --model resnet9, got --model {args.model}")
     if args.distill and args.model != "resnet9":
         parser.error(f"argument --distill: only with --model resnet9, got --model {args.model}")
     if args.gamma_warmup and args.gamma_warmup >= (args.freeze_at or 1.0):
@@ -347,7 +370,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     what = (f"{args.model} ({'widths ' + str(args.widths) if args.model == 'resnet9' else 'channels 32, 64, 64'}), "
             f"gamma={args.gamma:g}, compute_gamma={args.compute_gamma:g}, shift_decay={args.shift_decay:g}, freeze_at={args.freeze_at}, gamma_warmup={args.gamma_warmup}, {args.epochs} epochs, removal every "
-            f"{args.interval} step(s), seed {args.seed}{f', distilled from the float run (a={ALPHA}, T={T})' if args.distill else ''}")
+            f"{args.interval} step(s), label smoothing {args.label_smoothing:g}, "
+            f"BatchNorm {'recalibrated' if args.recalibrate else 'running statistics'}, seed {args.seed}{f', distilled from the float run (a={ALPHA}, T={T})' if args.distill else ''}")
     print(what)
     dead = dead_producers(comp["model"])
     print("channels (before -> after, dead but still there): " + ", ".join(
@@ -363,6 +387,9 @@ def main(argv: list[str] | None = None) -> dict:
                   + " (kept: another producer of the sum still uses them)")
     drop = 100 * (base["acc"] - comp["acc"])
     print(f"accuracy: float {100 * base['acc']:.2f}% | compressed {100 * comp['acc']:.2f}% (drop {drop:+.2f} pp)")
+    if args.recalibrate:
+        print(f"  before recalibration (running BatchNorm statistics): float {100 * base['acc_running']:.2f}% | "
+              f"compressed {100 * comp['acc_running']:.2f}% (drop {100 * (base['acc_running'] - comp['acc_running']):+.2f} pp)")
     print(f"weights kept {stats['weights_pct']:.2f}% (target <= 3%) | bits kept {stats['bits_pct']:.2f}% "
           f"| drop <= 0.5 pp: {'yes' if round(drop, 4) <= 0.5 else 'no'}")
     params_float = sum(p.numel() for p in base["model"].net.parameters())
