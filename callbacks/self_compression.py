@@ -295,7 +295,12 @@ class SelfCompression(StepHookCallback):
         if self.removal is not None:
             self.channels = self.removal.channel_report()
             rank_zero_info("SelfCompression channels (before -> after): " + ", ".join(
-                f"{c['layer']} {c['channels_before']} -> {c['channels_after']}" for c in self.channels))
+                f"{c['layer']} {c['channels_before']} -> {c['channels_after']}"
+                + (f" ({c['dead_kept']} dead kept)" if c["dead_kept"] else "") for c in self.channels))
+            if any(c["dead_kept"] for c in self.channels):
+                rank_zero_info("SelfCompression: dead channels stay while another producer of a residual sum still "
+                               "writes them, while only part of their conv group died, while their bias / BatchNorm "
+                               "shift is not yet 0, or when a warned pattern keeps them (docs/channel_removal.md)")
         path = resolve_plot_path(self.plot_path, trainer, "self_compression_size.png")
         if path is not None and self.history and trainer.is_global_zero:
             epochs = [h["epoch"] for h in self.history]

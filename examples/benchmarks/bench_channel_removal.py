@@ -375,8 +375,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(what)
     dead = dead_producers(comp["model"])
     print("channels (before -> after, dead but still there): " + ", ".join(
-        f"{c['layer']} {c['channels_before']}->{c['channels_after']} ({int(dead[c['layer']].sum())})"
-        for c in cb.channels if c["layer"] in dead))
+        f"{c['layer']} {c['channels_before']}->{c['channels_after']} ({c['dead_kept']})" for c in cb.channels))
     graph = ChannelGraph(comp["model"].eval(), torch.zeros(2, 1, 8, 8))
     for g in graph.groups:
         if len(g.producers) > 1 and all(p in dead for p in g.producers):

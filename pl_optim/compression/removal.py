@@ -165,9 +165,14 @@ class ChannelRemoval:
         return self.apply(plan, optimizers, step)
 
     def channel_report(self) -> list[dict[str, Any]]:
-        """Per conv/linear layer: output channels of the full-size model and now."""
+        """Per conv/linear layer: output channels of the full-size model and now, and ``dead_kept``: channels
+        still there although dead (:func:`dead_producers`) — another producer of a residual sum still writes
+        them, only part of their conv group died, their constant (bias / BatchNorm shift) is not yet 0, a
+        pattern kept them (:attr:`unsupported`), or they are the last channel of their group."""
         mods = dict(self.model.named_modules())
-        return [{"layer": n, "channels_before": c[0], "channels_after": output_size(mods[n])}
+        dead = self.dead()
+        return [{"layer": n, "channels_before": c[0], "channels_after": output_size(mods[n]),
+                 "dead_kept": int(dead[n].sum()) if n in dead else 0}
                 for n, c in self.full.items() if n in mods and isinstance(mods[n], _SIZED)]
 
     def state_dict(self) -> dict[str, Any]:

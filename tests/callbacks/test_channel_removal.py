@@ -63,6 +63,8 @@ def test_every_removal_preserves_outputs(trainer_kwargs, monkeypatch, tmp_path):
     assert report["net.0.0"]["channels_before"] == 8
     assert report["net.0.0"]["channels_after"] == model.net[0][0].out_channels < 8
     assert report["net.4"]["channels_after"] == 3  # the network output is never shrunk
+    dead = callback.removal.core.dead()
+    assert all(c["dead_kept"] == int(dead[n].sum()) for n, c in report.items())  # what stays though dead
     assert torch.isfinite(trainer.callback_metrics["train_loss"])
     logged = (Path(logger.log_dir) / "metrics.csv").read_text()
     assert "self_compression/removed/net.0.0" in logged  # removal events reach the logger

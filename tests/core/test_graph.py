@@ -239,3 +239,21 @@ def test_one_message_per_pattern():
 
     reasons = [r for r in ChannelGraph(Normed(), X).unsupported if r != "network output"]
     assert reasons == ["LayerNorm/GroupNorm (normalises across channels): GroupNorm (norms.0) (and 2 more)"]
+
+
+def test_channel_report_counts_dead_channels_kept():
+    """A conv group only half dead keeps its dead channel; the report says so (``dead_kept``)."""
+    from pl_optim.compression import ChannelRemoval, attach_quantizers, quantized_layers
+
+    torch.manual_seed(0)
+    net = GroupedNet()
+    attach_quantizers(net, init_bits=4)
+    with torch.no_grad():
+        quantized_layers(net)["a.0"][1].bits[[2, 3, 4]] = 0.0  # conv group 1 (2, 3) whole, group 2 half
+        net.a[1].bias[[2, 3, 4]] = 0.0
+        net.a[1].running_mean[[2, 3, 4]] = 0.0
+    removal = ChannelRemoval(net, example_input=X)
+    assert removal.step() == {"a.0": 2}
+    report = {c["layer"]: c for c in removal.channel_report()}
+    assert (report["a.0"]["channels_before"], report["a.0"]["channels_after"], report["a.0"]["dead_kept"]) == (8, 6, 1)
+    assert report["b.0"]["dead_kept"] == report["c"]["dead_kept"] == 0
