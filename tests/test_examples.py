@@ -168,6 +168,27 @@ def test_channel_removal_benchmark_distills_from_the_float_run(monkeypatch, caps
     assert "--distill: only with --model resnet9" in capsys.readouterr().err
 
 
+def test_precomputed_teacher_answers_known_rows_without_a_forward():
+    """PrecomputedTeacher: the teacher's outputs on known rows (any order, any batch), no forward for them;
+    unknown rows go through the teacher."""
+    from examples.benchmarks._distill import PrecomputedTeacher
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    inputs = torch.randn(10, 1, 4, 4)
+    teacher = PrecomputedTeacher(net, inputs, batch_size=4)
+    calls = []
+    net.register_forward_hook(lambda *a: calls.append(1))
+    batch = inputs[[7, 2, 2, 9]]
+    torch.testing.assert_close(teacher(batch), net(batch).detach())
+    calls.clear()
+    teacher(batch)
+    assert not calls  # looked up, not computed
+    new = torch.randn(2, 1, 4, 4)
+    torch.testing.assert_close(teacher(new), net(new).detach())
+    assert calls
+
+
 def test_self_compression_benchmark_distills_warms_up_and_caches_the_float_run(tmp_path, capsys):
     """bench_self_compression end to end on 2 epochs (smoke test: the figures come from the full runs in
     docs/self_compression.md): the float run is cached and read back with the same accuracy; --distill,
