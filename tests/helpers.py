@@ -40,6 +40,16 @@ DDP_TRAINER_KWARGS = dict(
 )
 
 
+def end_ddp() -> None:
+    """The last call of a DDP child script's ``__main__``: destroy the process group before the interpreter
+    exits. Left to interpreter shutdown, gloo's threads were torn down in the wrong order once in a CI run
+    (the fit had finished, then "terminate called without an active exception" aborted the rank)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def run_ddp_script(script: str, out_dir, *args: str) -> None:
     """Run ``script`` (a test file whose ``__main__`` trains with ``strategy="ddp"``) in a child
     process with ``out_dir`` (and ``args``) as its arguments and fail with its stderr if it fails.

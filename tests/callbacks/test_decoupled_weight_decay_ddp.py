@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import DDP_TRAINER_KWARGS, run_ddp_script
+from tests.helpers import DDP_TRAINER_KWARGS, end_ddp, run_ddp_script
 
 
 def _run(out: Path) -> None:
@@ -57,3 +57,4 @@ def test_ddp_ranks_decay_and_switch_identically(tmp_path):
 
 if __name__ == "__main__":
     _run(Path(sys.argv[1]))
+    end_ddp()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import DDP_TRAINER_KWARGS, run_ddp_script
+from tests.helpers import DDP_TRAINER_KWARGS, end_ddp, run_ddp_script
 
 PLUGINS = ("16-mixed", "kahan", "stochastic")
 
@@ -64,3 +64,4 @@ def test_ddp_ranks_skip_and_end_identically(tmp_path):
 
 if __name__ == "__main__":
     _run(Path(sys.argv[1]), tuple(sys.argv[2:]) or PLUGINS)
+    end_ddp()

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import run_ddp_script
+from tests.helpers import end_ddp, run_ddp_script
 
 
 def _run(out: Path) -> None:
@@ -51,3 +51,4 @@ def test_optimizer_level_callbacks_under_fsdp(tmp_path):
 
 if __name__ == "__main__":
     _run(Path(sys.argv[1]))
+    end_ddp()

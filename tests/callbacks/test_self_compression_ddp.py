@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import DDP_TRAINER_KWARGS, run_ddp_script
+from tests.helpers import DDP_TRAINER_KWARGS, end_ddp, run_ddp_script
 
 
 def _run(out: Path, mode: str) -> None:
@@ -81,3 +81,4 @@ def test_ddp_ranks_remove_the_same_channels(tmp_path):
 
 if __name__ == "__main__":
     _run(Path(sys.argv[1]), sys.argv[2])
+    end_ddp()
