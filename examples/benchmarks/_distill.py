@@ -56,4 +56,3 @@ class PrecomputedTeacher(nn.Module):
 
 def _key(row: torch.Tensor) -> bytes:
     return row.detach().cpu().contiguous().numpy().tobytes()
-
