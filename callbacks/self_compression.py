@@ -96,6 +96,10 @@ class SelfCompression(StepHookCallback):
         gamma_warmup: fraction in (0, 1) of the training's optimizer steps over which ``gamma`` and
             ``compute_gamma`` ramp linearly from 0 to their value (the weights learn before the bits are
             pressed); must be below ``freeze_at``; needs a finite training length. None (default): no ramp.
+        column_cost: weight, ``>= 0``, of the column cost (:mod:`pl_optim.compression.size`): each channel
+            also pays for the input columns it holds in its consumers, at ``gamma`` and ``compute_gamma``'s
+            rates times this, from the step after the network was traced for removal. Needs
+            ``remove_channels``. Default 0: off.
         integer_bits: at ``freeze_at``, round the bit depths to integers (:func:`~pl_optim.compression.round_bits`;
             channels under half a bit die and are removed) so the weights fine-tune on, and the size counts,
             the bit depths the packed file stores. Needs ``freeze_at``. Default False.
@@ -127,6 +131,7 @@ class SelfCompression(StepHookCallback):
         compute_gamma: float = 0.0,
         gamma_warmup: float | None = None,
         integer_bits: bool = False,
+        column_cost: float = 0.0,
     ) -> None:
         self.gamma = float(non_negative("gamma", gamma))
         self.compute_gamma = float(non_negative("compute_gamma", compute_gamma))
@@ -162,6 +167,10 @@ class SelfCompression(StepHookCallback):
         self.plot: Path | None = None
         removal = RemovalDriver(removal_interval, shift_decay)
         self.removal: RemovalDriver | None = removal if boolean("remove_channels", remove_channels) else None
+        self.column_cost = float(non_negative("column_cost", column_cost))
+        if self.column_cost and self.removal is None:
+            raise ValueError(f"`column_cost` ({self.column_cost!r}) charges channels for the consumer columns that "
+                             "removing them frees: it needs `remove_channels=True`, got remove_channels=False")
 
     @property
     def positions(self) -> dict[str, int]:
@@ -254,7 +263,10 @@ class SelfCompression(StepHookCallback):
         if self._frozen or not any(id(p) in bits for g in optimizer.param_groups for p in g["params"]):
             return
         ramp = self.ramp(self.position(index))
-        if not add_size_grad(pl_module, ramp * self.gamma, ramp * self.compute_gamma, self.positions):
+        core = self.removal.core if self.column_cost else None
+        graph = core.graph if core is not None else None
+        if not add_size_grad(pl_module, ramp * self.gamma, ramp * self.compute_gamma, self.positions, graph,
+                             self.column_cost):
             rank_zero_warn("SelfCompression: non-finite bits; the size gradient was skipped this step")
 
     def after_step(self, trainer: Trainer, index: int, optimizer: torch.optim.Optimizer) -> None:

@@ -300,7 +300,7 @@ def run(gamma: float | None, args, teacher: torch.nn.Module | None = None) -> di
         callbacks.append(SelfCompression(gamma, init_bits=DEFAULTS["init_bits"], plot_path=False, remove_channels=True,
                                          removal_interval=args.interval, shift_decay=args.shift_decay,
                                          freeze_at=args.freeze_at or None, compute_gamma=args.compute_gamma,
-                                         gamma_warmup=args.gamma_warmup or None))
+                                         gamma_warmup=args.gamma_warmup or None, column_cost=args.column_cost))
     trainer = pl.Trainer(
         max_epochs=args.epochs, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
         enable_checkpointing=False, callbacks=callbacks, num_sanity_val_steps=0, limit_val_batches=0,
@@ -340,6 +340,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="SelfCompression(gamma_warmup=...): both size terms ramp up over this share of the steps; 0: off")
     parser.add_argument("--compute-gamma", type=cli.non_negative_float, default=0.5,
                         help="SelfCompression(compute_gamma=...): weight of the compute-weighted size term")
+    parser.add_argument("--column-cost", type=cli.non_negative_float, default=0.0,
+                        help="SelfCompression(column_cost=...): weight of channels' cost in their consumers' input columns")
     parser.add_argument("--steps", type=cli.positive_int, default=100, help="interleaved training steps per net")
     parser.add_argument("--distill", action="store_true",
                         help=f"distil the compressed run from the float baseline just trained (a={ALPHA}, T={T}; --model resnet9)")
@@ -382,7 +384,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     teacher_mode = "precomputed" if args.precomputed_teacher else "per batch"
     what = (f"{args.model} ({'widths ' + str(args.widths) if args.model == 'resnet9' else 'channels 32, 64, 64'}), "
-            f"gamma={args.gamma:g}, compute_gamma={args.compute_gamma:g}, shift_decay={args.shift_decay:g}, freeze_at={args.freeze_at}, gamma_warmup={args.gamma_warmup}, {args.epochs} epochs, removal every "
+            f"gamma={args.gamma:g}, compute_gamma={args.compute_gamma:g}, column_cost={args.column_cost:g}, shift_decay={args.shift_decay:g}, freeze_at={args.freeze_at}, gamma_warmup={args.gamma_warmup}, {args.epochs} epochs, removal every "
             f"{args.interval} step(s), label smoothing {args.label_smoothing:g}, "
             f"BatchNorm {'recalibrated' if args.recalibrate else 'running statistics'}, seed {args.seed}{f', distilled from the float run (a={ALPHA}, T={T}, teacher outputs {teacher_mode})' if args.distill else ''}")
     print(what)

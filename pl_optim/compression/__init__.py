@@ -8,6 +8,7 @@ For a raw PyTorch loop (``docs/self_compression.md``, ``docs/channel_removal.md`
     for x, y in loader:
         loss = F.cross_entropy(net(x), y); opt.zero_grad(); loss.backward()
         add_size_grad(net, gamma)                                     # d(gamma Q / N)/db into bits.grad
+        # (+ compute_gamma, positions, removal.graph: the compute-weighted term and the column cost)
         opt.step()
         removal.step([opt])                                           # dead channels out, optimizer state too
 
@@ -49,6 +50,7 @@ from pl_optim.compression.report import LayerSize, compression_stats, format_rep
 from pl_optim.compression.size import (
     OutputPositions,
     add_size_grad,
+    column_cost_loss,
     compute_size_loss,
     float_weight_count,
     output_positions,
@@ -65,6 +67,7 @@ __all__ = [
     "add_size_grad",
     "attach_quantizers",
     "clean_gradients",
+    "column_cost_loss",
     "compressed_state",
     "compression_stats",
     "compute_size_loss",

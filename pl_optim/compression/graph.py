@@ -525,6 +525,20 @@ class ChannelGraph:
             offset += n
         return torch.stack(rows)
 
+    def consumer_columns(self, index: int) -> list[tuple[str, torch.Tensor]]:
+        """Where group ``index``'s channels sit along its consumers' input features now: one
+        ``(consumer name, LongTensor [group_size, block])`` per time the group enters a consumer (row ``j``:
+        the input features channel ``j`` becomes; ``block`` is 1 for a conv, ``H*W`` after ``Flatten``)."""
+        out = []
+        for c in self.groups[index].consumers:
+            offset = 0
+            for s in c.segments:
+                n = self._space_size(s)
+                if self.space_group[s] == index:
+                    out.append((c.name, torch.arange(offset, offset + n * c.block).reshape(n, c.block)))
+                offset += n * c.block
+        return out
+
     def dead_in_all(self, dead: Mapping[str, torch.Tensor]) -> dict[int, torch.Tensor]:
         """Group index -> bool mask of channels dead in EVERY producer (unfrozen groups only)."""
         out = {}

@@ -26,16 +26,35 @@ multiply-accumulates per sample are ``P_l N_l`` and ``P_l Q_l`` its bit-MACs, so
 is the mean bit depth per float MAC. Adding ``compute_gamma * C`` to the loss weighs every layer by
 how often its weights are used, not by how many there are: early layers at high resolution hold
 few weights but most of the compute, and the weight-count size ``Q / N`` hardly presses on them.
+
+**Column cost** (an extension, not in the paper; needs channel removal's dependency graph,
+:class:`~pl_optim.compression.graph.ChannelGraph`): ``Q`` charges a channel only for its own weight
+row, but removing channel ``j`` of a group also removes the input columns of ``j`` in every
+consumer. With ``S_j = sum_c w_c K_c sum_{f in cols_c(j)} sum_{i reads f} relu(b_i^c)`` the bits the
+consumers ``c`` hold for ``j`` (``w_c = gamma / N + compute_gamma * P_c / sum_l P_l N_l``: the same
+weights as the two terms above), every producer ``p`` of the group gets the surrogate
+
+    E = sum_j S_j / |producers| * relu(b_j^p) / max(b_j^p, 1)        (S_j and the divisor without gradient)
+
+so ``dE/db_j^p = S_j / (|producers| max(b_j^p, 1))``: the consumers' bits of the channel spread over the
+bits the channel still has to shed before it dies (a channel is removed only once dead in every
+producer). Without it a first conv (1 input channel, 9 weights a row) is barely pressed although each
+of its channels holds a column of the next, much larger, layer. Frozen groups (kept channels) and
+producers or consumers without a quantiser are left out.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from pl_optim.compression.quantizer import ChannelQuantizer, quantized_layers
+
+if TYPE_CHECKING:
+    from pl_optim.compression.graph import ChannelGraph
 
 FLOAT_BITS = 32
 
@@ -163,10 +182,51 @@ def _compute_term(sizes: Mapping[str, tuple[torch.Tensor, ChannelQuantizer]], ga
     return gamma * bit_macs / sum(positions[n] * int(sizes[n][1].float_numel) for n in named)
 
 
+def input_feature_bits(layer: nn.Module, quantizer: ChannelQuantizer) -> torch.Tensor:
+    """``[C_in]`` (input features of the layer's weight): ``K * sum_i relu(b_i)`` over the rows ``i`` that
+    read each input feature (all rows; the rows of its group in a grouped conv). No gradient."""
+    with torch.no_grad():
+        g = groups_of(layer)
+        rows = torch.relu(quantizer.bits).reshape(g, -1).sum(1)  # [G]
+        per_group = layer.parametrizations.weight.original.shape[1]
+        return kernel_area(layer) * rows.repeat_interleave(per_group)
+
+
+def column_cost_loss(model: nn.Module, graph: ChannelGraph, gamma: float, compute_gamma: float = 0.0,
+                     positions: Mapping[str, int] | None = None) -> torch.Tensor:
+    """The column-cost surrogate ``E`` (module docstring), differentiable in the producers' ``bits``;
+    ``graph`` must describe ``model`` as it is now (e.g. ``ChannelRemoval.graph``)."""
+    layers = quantized_layers(model)
+    n = float_weight_count(model)
+    positions = (positions or {}) if compute_gamma else {}
+    pn = sum(positions[name] * int(layers[name][1].float_numel) for name in layers if positions.get(name))
+    terms = []
+    for index, group in enumerate(graph.groups):
+        if group.frozen or not all(p in layers for p in group.producers):
+            continue
+        cost = None
+        for name, cols in graph.consumer_columns(index):
+            if name not in layers:
+                continue
+            w = gamma / n + (compute_gamma * positions[name] / pn if positions.get(name) else 0.0)
+            if w:
+                bits = input_feature_bits(*layers[name])
+                add = w * bits[cols.to(bits.device)].sum(1)
+                cost = add if cost is None else cost + add
+        if cost is None:
+            continue
+        for p in group.producers:
+            b = layers[p][1].bits
+            terms.append((cost / len(group.producers) * torch.relu(b) / b.detach().clamp(min=1.0)).sum())
+    return torch.stack(terms).sum() if terms else torch.zeros(())
+
+
 def add_size_grad(model: nn.Module, gamma: float, compute_gamma: float = 0.0,
-                  positions: Mapping[str, int] | None = None) -> bool:
+                  positions: Mapping[str, int] | None = None, graph: ChannelGraph | None = None,
+                  column_cost: float = 1.0) -> bool:
     """Add ``d(gamma Q / N + compute_gamma C)/d bits`` to every ``bits.grad`` (creating it if
-    missing); the second term only when ``positions`` is given (:func:`compute_size_loss`).
+    missing); the second term only when ``positions`` is given (:func:`compute_size_loss`); with
+    ``graph``, also ``column_cost`` times the column cost's ``dE/d bits`` (:func:`column_cost_loss`).
 
     Equivalent to having added :func:`size_loss` (and :func:`compute_size_loss`) to the loss
     before ``backward``, but done once per optimizer step on unscaled gradients, so it is
@@ -187,6 +247,8 @@ def add_size_grad(model: nn.Module, gamma: float, compute_gamma: float = 0.0,
         loss = gamma * _total(sizes) / float_weight_count(model)  # = size_loss(model, gamma)
         if compute:
             loss = loss + _compute_term(sizes, compute_gamma, positions)
+        if graph is not None and column_cost:
+            loss = loss + column_cost * column_cost_loss(model, graph, gamma, compute_gamma, positions)
         grads = torch.autograd.grad(loss, bits)
     if not all(bool(torch.isfinite(g).all()) for g in grads):
         return False

@@ -30,7 +30,7 @@ def _data():
     return RandomClassificationData(n=64, shape=(1, 8, 8), batch_size=8)
 
 
-def _raw_loop() -> tuple[TinyConvNet, torch.optim.Optimizer, ChannelRemoval]:
+def _raw_loop(column_cost: float) -> tuple[TinyConvNet, torch.optim.Optimizer, ChannelRemoval]:
     pl.seed_everything(0)
     model = TinyConvNet(optimizer="adam", lr=0.05)
     attach_quantizers(model, init_bits=2)
@@ -51,7 +51,8 @@ def _raw_loop() -> tuple[TinyConvNet, torch.optim.Optimizer, ChannelRemoval]:
             saved = snapshot(model)
             clean_gradients(model)
             if not frozen:
-                add_size_grad(model, GAMMA, COMPUTE, recorder.positions)
+                # the callback traces the graph after the first step: the column cost starts on the second
+                add_size_grad(model, GAMMA, COMPUTE, recorder.positions, removal.graph if steps else None, column_cost)
             opt.step()
             steps += 1
             if frozen:
@@ -63,13 +64,14 @@ def _raw_loop() -> tuple[TinyConvNet, torch.optim.Optimizer, ChannelRemoval]:
     return model, opt, removal
 
 
-def test_raw_loop_equals_the_callback(trainer_kwargs):
-    raw, raw_opt, removal = _raw_loop()
+@pytest.mark.parametrize("column_cost", [0.0, 2.0])
+def test_raw_loop_equals_the_callback(trainer_kwargs, column_cost):
+    raw, raw_opt, removal = _raw_loop(column_cost)
 
     pl.seed_everything(0)
     model = TinyConvNet(optimizer="adam", lr=0.05)
     cb = SelfCompression(GAMMA, init_bits=2, lr=BITS_LR, exponent_lr=EXP_LR, shift_decay=SHIFT,
-                         compute_gamma=COMPUTE, freeze_at=FREEZE_AT)
+                         compute_gamma=COMPUTE, freeze_at=FREEZE_AT, column_cost=column_cost)
     trainer = pl.Trainer(max_epochs=EPOCHS, callbacks=[cb], **{**trainer_kwargs, "limit_val_batches": 0})
     trainer.fit(model, datamodule=_data())
 
@@ -85,7 +87,8 @@ def test_raw_loop_equals_the_callback(trainer_kwargs):
 
 
 @pytest.mark.parametrize("name", ["ChannelRemoval", "OutputPositions", "quantizer_param_groups", "plain_state_dict",
-                                  "restore_compressed", "shrink_to_state_dict", "compute_size_loss", "load_packed"])
+                                  "restore_compressed", "shrink_to_state_dict", "compute_size_loss", "load_packed",
+                                  "column_cost_loss"])
 def test_the_core_api_is_public(name):
     import pl_optim.compression as core
 

@@ -100,3 +100,73 @@ def test_add_size_grad_creates_missing_grads_and_refuses_nonfinite():
 def test_size_needs_quantised_layers():
     with pytest.raises(ValueError, match="no quantised layer"):
         size_bits(nn.Linear(2, 2))
+
+
+class _Res(nn.Module):
+    """conv0 -> (conv1 + conv0) -> conv2 -> flatten -> linear: a two-producer group (c0, c1) and a
+    Linear reading a block of H*W features per channel (fc)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c0 = nn.Conv2d(1, 4, 3, padding=1)
+        self.c1 = nn.Conv2d(4, 4, 3, padding=1)
+        self.c2 = nn.Conv2d(4, 6, 1)
+        self.fc = nn.Linear(6 * 2 * 2, 3)
+
+    def forward(self, x):
+        a = torch.relu(self.c0(x))
+        b = self.c1(a) + a
+        return self.fc(torch.flatten(self.c2(b), 1))
+
+
+def test_column_cost_gradient_is_the_consumers_bits_per_bit_left():
+    from pl_optim.compression import column_cost_loss
+    from pl_optim.compression.graph import ChannelGraph
+
+    model = _Res()
+    attach_quantizers(model, init_bits=4)
+    x = torch.randn(2, 1, 2, 2)
+    graph = ChannelGraph(model, x)
+    _set_bits(model, "c0", [0.5, 2.0, 0.0, 3.0])
+    _set_bits(model, "c2", [1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    gamma, compute, n = 0.7, 0.3, float_weight_count(model)
+    positions = {"c0": 4, "c1": 4, "c2": 4, "fc": 1}
+    pn = sum(positions[k] * int(q.float_numel) for k, (_, q) in quantized_layers(model).items())
+    column_cost_loss(model, graph, gamma, compute, positions).backward()
+    # group (c0, c1): consumers c1 (kernel 9, 4 rows at 4 bits) and c2 (kernel 1, rows at 1..6 bits)
+    w = gamma / n + compute * 4 / pn
+    s = w * (9 * 4 * 4 + 21) * torch.ones(4)
+    b0 = torch.tensor([0.5, 2.0, 0.0, 3.0])
+    expected0 = s / 2 * (b0 > 0) / b0.clamp(min=1)  # two producers share the push
+    torch.testing.assert_close(quantized_layers(model)["c0"][1].bits.grad, expected0)
+    torch.testing.assert_close(quantized_layers(model)["c1"][1].bits.grad, s / 2 / 4)
+    # group c2: consumer fc reads 4 features (2x2) per channel, 3 rows at 4 bits each
+    w_fc = gamma / n + compute * 1 / pn
+    b2 = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    torch.testing.assert_close(quantized_layers(model)["c2"][1].bits.grad, w_fc * 4 * 3 * 4 / b2)
+    assert quantized_layers(model)["fc"][1].bits.grad is None  # the output's channels are kept: no column cost
+
+
+def test_add_size_grad_adds_the_column_cost_times_its_weight():
+    from pl_optim.compression import column_cost_loss
+    from pl_optim.compression.graph import ChannelGraph
+
+    models = [_Res(), _Res()]
+    models[1].load_state_dict(models[0].state_dict())
+    x = torch.randn(2, 1, 2, 2)
+    for m in models:
+        attach_quantizers(m, init_bits=3)
+    (size_loss(models[0], 0.5) + 2.5 * column_cost_loss(models[0], ChannelGraph(models[0], x), 0.5)).backward()
+    assert add_size_grad(models[1], 0.5, graph=ChannelGraph(models[1], x), column_cost=2.5)
+    for (_, q0), (_, q1) in zip(quantized_layers(models[0]).values(), quantized_layers(models[1]).values()):
+        torch.testing.assert_close(q0.bits.grad, q1.bits.grad)
+
+
+def test_input_feature_bits_counts_the_rows_of_each_conv_group():
+    from pl_optim.compression.size import input_feature_bits
+
+    model = _model()
+    attach_quantizers(model, init_bits=4)
+    _set_bits(model, "2", [1.0, 2.0, 3.0, -4.0, 5.0, 6.0])  # rows 0-2 read inputs 0-1, rows 3-5 read 2-3
+    layer, q = quantized_layers(model)["2"]
+    torch.testing.assert_close(input_feature_bits(layer, q), 3 * torch.tensor([6.0, 6.0, 11.0, 11.0]))
