@@ -65,3 +65,19 @@ def run_ddp_script(script: str, out_dir, *args: str) -> None:
         [sys.executable, script, str(out_dir), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def write_rank(out, rank: int, state: dict, name: str = "") -> None:
+    """In a DDP child script: save what rank ``rank`` saw (JSON) for :func:`read_ranks`."""
+    import json
+    from pathlib import Path
+
+    (Path(out) / f"{name}rank{rank}.json").write_text(json.dumps(state))
+
+
+def read_ranks(out, name: str = "") -> tuple[dict, dict]:
+    """In the test: what ranks 0 and 1 saved with :func:`write_rank`."""
+    import json
+    from pathlib import Path
+
+    return tuple(json.loads((Path(out) / f"{name}rank{r}.json").read_text()) for r in (0, 1))

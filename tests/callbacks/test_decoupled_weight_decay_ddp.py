@@ -7,13 +7,12 @@ launcher re-executes the command line for rank 1; each rank writes what it saw t
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import DDP_TRAINER_KWARGS, end_ddp, run_ddp_script
+from tests.helpers import DDP_TRAINER_KWARGS, end_ddp, read_ranks, run_ddp_script, write_rank
 
 
 def _run(out: Path) -> None:
@@ -42,14 +41,14 @@ def _run(out: Path) -> None:
         "max_state": all("max_exp_avg_sq" in s for s in opt.state.values()),
         "weight_decay": opt.param_groups[0]["weight_decay"],
     }
-    (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(state))
+    write_rank(out, trainer.global_rank, state)
 
 
 @pytest.mark.slow
 @pytest.mark.ddp
 def test_ddp_ranks_decay_and_switch_identically(tmp_path):
     run_ddp_script(__file__, tmp_path)
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    r0, r1 = read_ranks(tmp_path)
     assert r0 == r1
     assert r0["decay_steps"] == 8 and r0["amsgrad"] is True and r0["max_state"] is True
     assert r0["weight_decay"] == 0.3

@@ -10,13 +10,12 @@ Each rank writes what it saw to a JSON file.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import DDP_TRAINER_KWARGS, end_ddp, run_ddp_script
+from tests.helpers import DDP_TRAINER_KWARGS, end_ddp, read_ranks, run_ddp_script, write_rank
 
 
 def _run(out: Path) -> None:
@@ -37,7 +36,7 @@ def _run(out: Path) -> None:
     group = trainer.optimizers[0].param_groups[0]
     state = {"totals": cb.totals, "steps": cb.steps, "lr": group["lr"], "momentum": group["momentum"],
              "max_lr": cb.resolved_max_lr}
-    (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(state))
+    write_rank(out, trainer.global_rank, state)
 
 
 @pytest.mark.slow
@@ -46,7 +45,7 @@ def test_ddp_total_is_per_rank(tmp_path):
     from pl_optim.schedules import one_cycle
 
     run_ddp_script(__file__, tmp_path)
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    r0, r1 = read_ranks(tmp_path)
     assert r0 == r1
     assert r0["totals"] == [8] and r0["steps"] == [8]
     assert len(r0["max_lr"]) == 1 and r0["max_lr"][0] > 0

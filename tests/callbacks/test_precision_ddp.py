@@ -9,13 +9,12 @@ command line for rank 1; each rank writes what it saw to a file.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import DDP_TRAINER_KWARGS, end_ddp, run_ddp_script
+from tests.helpers import DDP_TRAINER_KWARGS, end_ddp, read_ranks, run_ddp_script, write_rank
 
 PLUGINS = ("16-mixed", "kahan", "stochastic")
 
@@ -49,7 +48,7 @@ def _run(out: Path, names: tuple[str, ...] = PLUGINS) -> None:
             "counts": [ledger.steps, ledger.skipped, trainer.global_step, getattr(plugin, "skipped_steps", 0),
                        cycle.step_positions()[0]],
         }
-        (out / f"{name}-rank{trainer.global_rank}.json").write_text(json.dumps(state))
+        write_rank(out, trainer.global_rank, state, f"{name}-")
 
 
 @pytest.mark.slow
@@ -57,7 +56,7 @@ def _run(out: Path, names: tuple[str, ...] = PLUGINS) -> None:
 def test_ddp_ranks_skip_and_end_identically(tmp_path):
     run_ddp_script(__file__, tmp_path)
     for name in PLUGINS:
-        r0, r1 = (json.loads((tmp_path / f"{name}-rank{r}.json").read_text()) for r in (0, 1))
+        r0, r1 = read_ranks(tmp_path, f"{name}-")
         assert r0["counts"] == r1["counts"] == [7, 1, 7, 1, 7], name
         assert r0["weights"] == r1["weights"], name
 

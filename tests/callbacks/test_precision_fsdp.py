@@ -9,14 +9,13 @@ sharded strategies by design.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers import end_ddp, run_ddp_script
+from tests.helpers import end_ddp, read_ranks, run_ddp_script, write_rank
 
 
 def _run(out: Path) -> None:
@@ -34,7 +33,7 @@ def _run(out: Path) -> None:
     group = trainer.optimizers[0].param_groups[0]
     state = {"positions": cycle.step_positions(), "global_step": trainer.global_step, "lr": group["lr"],
              "amsgrad": group["amsgrad"]}
-    (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(state))
+    write_rank(out, trainer.global_rank, state)
 
 
 @pytest.mark.slow
@@ -43,7 +42,7 @@ def _run(out: Path) -> None:
                     reason="Lightning's FSDPStrategy needs CUDA (refuses accelerator='cpu'); needs 2 GPUs: scripts/gpu_check.sh")
 def test_optimizer_level_callbacks_under_fsdp(tmp_path):
     run_ddp_script(__file__, tmp_path)
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    r0, r1 = read_ranks(tmp_path)
     assert r0 == r1
     assert r0["positions"] == [r0["global_step"]] and r0["amsgrad"] is True
     assert r0["lr"] == pytest.approx(0.02 / 25 / 1e4, rel=1e-3)  # 1cycle ended at max_lr / (div * final_div)

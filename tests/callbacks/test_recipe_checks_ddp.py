@@ -8,13 +8,12 @@ what it saw to a JSON file.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import DDP_TRAINER_KWARGS, end_ddp, run_ddp_script
+from tests.helpers import DDP_TRAINER_KWARGS, end_ddp, read_ranks, run_ddp_script, write_rank
 
 
 def _run(out: Path) -> None:
@@ -33,14 +32,14 @@ def _run(out: Path) -> None:
     trainer.fit(model, datamodule=RandomClassificationData(shape=(1, 8, 8), batch_size=64))
     state = {"statuses": [r.status for r in cb.report.results], "zero": trainer.is_global_zero,
              "weight_sum": float(sum(p.double().sum() for p in model.parameters()))}
-    (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(state))
+    write_rank(out, trainer.global_rank, state)
 
 
 @pytest.mark.slow
 @pytest.mark.ddp
 def test_ddp_every_rank_checks_and_training_stays_in_sync(tmp_path):
     run_ddp_script(__file__, tmp_path)
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    r0, r1 = read_ranks(tmp_path)
     assert r0["zero"] and not r1["zero"]
     assert r0["statuses"] == r1["statuses"] == ["pass", "pass", "pass"]
     assert r0["weight_sum"] == r1["weight_sum"]  # the checks did not desynchronise the ranks
