@@ -84,7 +84,7 @@ class RemovalDriver:
         if skip:
             self._warn(f"non-finite loss at step {trainer.global_step}; no channel removal at such steps")
             return
-        if not self._ensure_traced(trainer.lightning_module):
+        if not self.ensure_traced(trainer.lightning_module):
             return
         core = self.core
         plan = core.plan(trainer.optimizers)
@@ -112,7 +112,9 @@ class RemovalDriver:
                            + ", ".join(f"{k}: -{v}" for k, v in self._epoch.items()) + ")")
         self._epoch = {}
 
-    def _ensure_traced(self, pl_module: LightningModule) -> bool:
+    def ensure_traced(self, pl_module: LightningModule) -> bool:
+        """Trace the network for removal once (from the forward grabbed, else `example_input_array`); False
+        (one warning) when it cannot be traced yet or at all."""
         if self.core.traced:
             return True
         example = self._example

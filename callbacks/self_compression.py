@@ -98,7 +98,7 @@ class SelfCompression(StepHookCallback):
             pressed); must be below ``freeze_at``; needs a finite training length. None (default): no ramp.
         column_cost: weight, ``>= 0``, of the column cost (:mod:`pl_optim.compression.size`): each channel
             also pays for the input columns it holds in its consumers, at ``gamma`` and ``compute_gamma``'s
-            rates times this, from the step after the network was traced for removal. Needs
+            rates times this (the network is traced for removal before the first size gradient). Needs
             ``remove_channels``. Default 0: off.
         integer_bits: at ``freeze_at``, round the bit depths to integers (:func:`~pl_optim.compression.round_bits`;
             channels under half a bit die and are removed) so the weights fine-tune on, and the size counts,
@@ -263,8 +263,8 @@ class SelfCompression(StepHookCallback):
         if self._frozen or not any(id(p) in bits for g in optimizer.param_groups for p in g["params"]):
             return
         ramp = self.ramp(self.position(index))
-        core = self.removal.core if self.column_cost else None
-        graph = core.graph if core is not None else None
+        # traced before the first size gradient (also the first after a resume): the column cost needs the graph
+        graph = self.removal.core.graph if self.column_cost and self.removal.ensure_traced(pl_module) else None
         if not add_size_grad(pl_module, ramp * self.gamma, ramp * self.compute_gamma, self.positions, graph,
                              self.column_cost):
             rank_zero_warn("SelfCompression: non-finite bits; the size gradient was skipped this step")

@@ -27,8 +27,8 @@ def _data():
     return RandomClassificationData(n=64, shape=(1, 8, 8), batch_size=8)
 
 
-def _shrinking(**kw):
-    return SelfCompression(20.0, init_bits=2, lr=0.2, shift_decay=0.05, **{"remove_channels": True, **kw})
+def _shrinking(gamma: float = 20.0, **kw):
+    return SelfCompression(gamma, init_bits=2, lr=0.2, shift_decay=0.05, **{"remove_channels": True, **kw})
 
 
 def test_every_removal_preserves_outputs(trainer_kwargs, monkeypatch, tmp_path):
@@ -138,13 +138,22 @@ def _outputs(model):
         return out, copy.deepcopy(model)(X)
 
 
-@pytest.mark.parametrize("remove", [True, False], ids=["removal", "no-removal"])
-def test_checkpoints_load_into_the_plain_model_and_resume_exactly(trainer_kwargs, tmp_path, remove):
+#: column cost -> (model kwargs, callback kwargs). With the column cost: SGD and a gentle gamma, so that channels are
+#: removed before the epoch-1 checkpoint and some are still alive after it (the column term then moves the bits).
+SETTINGS = {0.0: (dict(optimizer="adam", lr=0.05), dict(gamma=20.0, compute_gamma=5.0)),
+            2.0: (dict(optimizer="sgd", lr=0.05), dict(gamma=0.8, compute_gamma=0.2))}
+
+
+@pytest.mark.parametrize(("remove", "column"), [(True, 0.0), (False, 0.0), (True, 2.0)],
+                         ids=["removal", "no-removal", "removal-column-cost"])
+def test_checkpoints_load_into_the_plain_model_and_resume_exactly(trainer_kwargs, tmp_path, remove, column):
     kw = {**trainer_kwargs, "enable_checkpointing": True, "limit_val_batches": 0}
+    net_kw, cb_kw = SETTINGS[column]
     pl.seed_everything(0)
-    full = TinyConvNet(optimizer="adam", lr=0.05)
+    full = TinyConvNet(**net_kw)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
-    cb_full = _shrinking(compute_gamma=5.0, remove_channels=remove)  # positions are read again after resume
+    # positions are read again after resume, the graph of the column cost traced again
+    cb_full = _shrinking(**cb_kw, remove_channels=remove, column_cost=column)
     pl.Trainer(max_epochs=3, callbacks=[cb_full, ckpt], **kw).fit(full, datamodule=_data())
     events = cb_full.removal.core.events if remove else []
     assert bool(events) == remove and (not remove or events[0][0] <= 16)  # removal before the epoch-1 checkpoint
@@ -163,7 +172,7 @@ def test_checkpoints_load_into_the_plain_model_and_resume_exactly(trainer_kwargs
 
     # 2. validate / test with ckpt_path and without the callback
     for run in ("validate", "test"):
-        fresh = TinyConvNet(optimizer="adam", lr=0.05)
+        fresh = TinyConvNet(**net_kw)
         trainer = pl.Trainer(**{**kw, "limit_val_batches": None, "enable_checkpointing": False})
         if run == "test":
             fresh.test_step = fresh.validation_step
@@ -175,8 +184,8 @@ def test_checkpoints_load_into_the_plain_model_and_resume_exactly(trainer_kwargs
 
     # 3. resume with the callback: bit-identical to the uninterrupted run, shapes included
     pl.seed_everything(0)
-    resumed = TinyConvNet(optimizer="adam", lr=0.05)  # freshly built, full size
-    cb_res = _shrinking(compute_gamma=5.0, remove_channels=remove)
+    resumed = TinyConvNet(**net_kw)  # freshly built, full size
+    cb_res = _shrinking(**cb_kw, remove_channels=remove, column_cost=column)
     pl.Trainer(max_epochs=3, callbacks=[cb_res], **kw).fit(resumed, datamodule=_data(), ckpt_path=epoch1)
     assert resumed.state_dict().keys() == full.state_dict().keys()
     for key, value in full.state_dict().items():
@@ -188,7 +197,7 @@ def test_checkpoints_load_into_the_plain_model_and_resume_exactly(trainer_kwargs
         }
 
     # 4. validate(ckpt_path) with the callback gives the trained (quantised, shrunk) network back
-    validated = TinyConvNet(optimizer="adam", lr=0.05)
+    validated = TinyConvNet(**net_kw)
     pl.Trainer(callbacks=[cb_full], **{**kw, "limit_val_batches": None, "enable_checkpointing": False}).validate(
         validated, datamodule=_data(), ckpt_path=last)
     assert validated.net[0][0].out_channels == full.net[0][0].out_channels

@@ -51,8 +51,7 @@ def _raw_loop(column_cost: float) -> tuple[TinyConvNet, torch.optim.Optimizer, C
             saved = snapshot(model)
             clean_gradients(model)
             if not frozen:
-                # the callback traces the graph after the first step: the column cost starts on the second
-                add_size_grad(model, GAMMA, COMPUTE, recorder.positions, removal.graph if steps else None, column_cost)
+                add_size_grad(model, GAMMA, COMPUTE, recorder.positions, removal.graph, column_cost)
             opt.step()
             steps += 1
             if frozen:
