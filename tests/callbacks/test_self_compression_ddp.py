@@ -2,8 +2,8 @@
 
 * quantise only: both ranks end with identical bits, exponents and weights, and the size
   gradient was applied;
-* remove channels: both ranks remove the same channels at the same step, the DDP wrapper is
-  rebuilt for the new shapes, training continues, and the parameters end identical.
+* remove channels (also with the column cost): both ranks remove the same channels at the same step, the
+  DDP wrapper is rebuilt for the new shapes, training continues, and the parameters end identical.
 
 The Trainer runs in a child script (this file run as ``__main__``, see
 :func:`tests.helpers.run_ddp_script`); each rank saves what it saw to a file.
@@ -28,9 +28,15 @@ def _run(out: Path, mode: str) -> None:
 
     torch.set_num_threads(1)
     pl.seed_everything(0, verbose=False)
-    if mode == "remove":
-        model = TinyConvNet(optimizer="adam", lr=0.05)
-        callback = SelfCompression(40.0, init_bits=2, lr=0.3, remove_channels=True, shift_decay=0.05, compute_gamma=10.0)
+    if mode.startswith("remove"):
+        if mode == "remove":
+            model = TinyConvNet(optimizer="adam", lr=0.05)
+            callback = SelfCompression(40.0, init_bits=2, lr=0.3, remove_channels=True, shift_decay=0.05,
+                                       compute_gamma=10.0)
+        else:  # the column cost reads each rank's traced graph: the ranks must still agree
+            model = TinyConvNet(optimizer="sgd", lr=0.05)
+            callback = SelfCompression(0.8, init_bits=2, lr=0.2, remove_channels=True, shift_decay=0.05,
+                                       compute_gamma=0.2, column_cost=2.0)
         limits, data = dict(max_steps=30), RandomClassificationData(n=160, shape=(1, 8, 8), batch_size=8)
     else:
         model = TinyConvNet(optimizer="sgd", lr=0.1)
@@ -41,7 +47,7 @@ def _run(out: Path, mode: str) -> None:
     torch.save(
         {
             "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-            "events": callback.removal.core.events if mode == "remove" else [],
+            "events": callback.removal.core.events if mode.startswith("remove") else [],
             "steps": trainer.global_step,
             "ddp_shapes": [tuple(p.shape) for p in trainer.strategy.model.parameters()],
             "shapes": [tuple(p.shape) for p in model.parameters()],
@@ -71,8 +77,9 @@ def test_ddp_ranks_agree(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.ddp
-def test_ddp_ranks_remove_the_same_channels(tmp_path):
-    r0, r1 = _ranks(tmp_path, "remove")
+@pytest.mark.parametrize("mode", ["remove", "remove-column"])
+def test_ddp_ranks_remove_the_same_channels(tmp_path, mode):
+    r0, r1 = _ranks(tmp_path, mode)
     assert r0["events"] and r0["events"] == r1["events"]
     assert r0["events"][0][0] < r0["steps"] == 30  # training went on after the first removal
     assert r0["ddp_shapes"] == r0["shapes"]  # the rebuilt wrapper holds the shrunk parameters
