@@ -43,6 +43,7 @@ class RemovalDriver:
         self._example: tuple | None = None
         self._handle = None
         self._bad_loss = False
+        self._untraceable = False  # the trace failed: removal (and the column cost) off for this fit
         self._warned: set[str] = set()
         self._epoch: dict[str, int] = {}
 
@@ -53,6 +54,7 @@ class RemovalDriver:
             self.core = ChannelRemoval(pl_module, **self._args)
         elif stage == "fit":
             self.core.graph = self.core.remover = None
+        self._untraceable = False
         self.teardown()
         self._handle = pl_module.register_forward_pre_hook(self._grab)
 
@@ -117,6 +119,8 @@ class RemovalDriver:
         (one warning) when it cannot be traced yet or at all."""
         if self.core.traced:
             return True
+        if self._untraceable:  # tried once and failed: not again every step
+            return False
         example = self._example
         if example is None and pl_module.example_input_array is not None:
             example = pl_module.example_input_array
@@ -128,7 +132,7 @@ class RemovalDriver:
             unsupported = self.core.trace(example)
         except ValueError as exc:
             self._warn(f"channel removal disabled: {exc}")
-            self.interval = 1 << 62
+            self._untraceable = True
             return False
         for reason in unsupported:
             self._warn(f"channel removal keeps the channels involved in: {reason}")

@@ -246,6 +246,30 @@ def test_unsupported_pattern_warns_once_and_keeps_channels(trainer_kwargs):
     assert model.net[1][0].out_channels < 8  # the supported part still shrank
 
 
+class BranchyModule(TinyConvNet):
+    """TinyConvNet whose forward branches on the data: torch.fx cannot trace it."""
+
+    def forward(self, x):
+        return super().forward(x if x.sum() > 0 else -x)
+
+
+@pytest.mark.parametrize("column", [0.0, 1.0])
+def test_untraceable_model_warns_once_trains_on_and_is_traced_once(trainer_kwargs, monkeypatch, column):
+    from pl_optim.compression.removal import ChannelRemoval
+
+    calls = []
+    original = ChannelRemoval.trace
+    monkeypatch.setattr(ChannelRemoval, "trace", lambda self, x: calls.append(1) or original(self, x))
+    model = BranchyModule(optimizer="adam", lr=0.05)
+    callback = _shrinking(column_cost=column)
+    with pytest.warns(UserWarning, match="channel removal disabled") as record:
+        pl.Trainer(max_steps=12, callbacks=[callback], **trainer_kwargs).fit(model, datamodule=_data())
+    assert len([w for w in record if "removal disabled" in str(w.message)]) == 1
+    assert len(calls) == 1  # not again at every step (the column cost asks before every size gradient)
+    assert callback.removal.interval == 1 and not callback.removal.core.events  # the argument left as given
+    assert model.trainer.global_step == 12
+
+
 @pytest.mark.parametrize("strategy", ["FSDPStrategy", "DeepSpeedStrategy"])
 def test_sharded_strategies_refused_at_setup(strategy):
     trainer = SimpleNamespace(strategy=type(strategy, (), {})())
