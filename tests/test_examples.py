@@ -145,27 +145,51 @@ def test_channel_removal_benchmark_runs_end_to_end(tmp_path, capsys):
 
 def test_channel_removal_benchmark_distills_from_the_float_run(monkeypatch, capsys):
     """--distill: every training step of the compressed run mixes in the float baseline's soft targets
-    (the teacher is the float run's net, never the student); refused with --model digits."""
+    (the teacher is the float run's net, never the student) at --distill-alpha's weight; --warm-start: the
+    compressed run starts from the float run's trained weights; each refused where it cannot apply."""
     from examples.benchmarks import _distill
-    from examples.benchmarks.bench_channel_removal import main
+    from examples.benchmarks import bench_channel_removal as bench
 
-    teachers = []
-    original = _distill.distill_loss
+    teachers, alphas, at_setup = [], [], []
+    original, original_setup = _distill.distill_loss, bench.SelfCompression.setup
 
-    def counted(loss, logits, x, teacher):
+    def counted(loss, logits, x, teacher, alpha):
         teachers.append(teacher)
-        return original(loss, logits, x, teacher)
+        alphas.append(alpha)
+        return original(loss, logits, x, teacher, alpha)
+
+    def setup(self, trainer, pl_module, stage):
+        at_setup.append({k: v.clone() for k, v in pl_module.net.state_dict().items()})
+        return original_setup(self, trainer, pl_module, stage)
 
     monkeypatch.setattr(_distill, "distill_loss", counted)
-    out = main(["--widths", "4", "8", "8", "8", "--epochs", "1", "--reps", "2", "--steps", "1", "--batches", "1",
-                "--distill"])
-    assert "distilled from the float run" in capsys.readouterr().out
+    monkeypatch.setattr(bench.SelfCompression, "setup", setup)
+    args = ["--widths", "4", "8", "8", "8", "--epochs", "1", "--reps", "2", "--steps", "1", "--batches", "1", "--distill"]
+    out = bench.main(args)
+    assert "distilled from the float run (a=0.5" in capsys.readouterr().out
     assert len(teachers) == 23 and len({id(t) for t in teachers}) == 1  # 1,437 images / 64 per batch
+    assert set(alphas) == {0.5}
     assert not any("parametrizations" in n for n, _ in teachers[0].named_modules())
     assert 0 < out["weights_pct"] <= 100
-    with pytest.raises(SystemExit):
-        main(["--model", "digits", "--distill", "--epochs", "1"])
-    assert "--distill: only with --model resnet9" in capsys.readouterr().err
+    float_weights = {k: v.clone() for k, v in teachers[0].teacher.state_dict().items()}
+    assert not torch.equal(at_setup[0]["0.0.weight"], float_weights["0.0.weight"])  # cold start: the seed's init
+
+    teachers.clear(), alphas.clear(), at_setup.clear()
+    bench.main([*args, "--distill-alpha", "0.9", "--warm-start"])
+    text = capsys.readouterr().out
+    assert "distilled from the float run (a=0.9" in text and "warm-started from the float run" in text
+    assert set(alphas) == {0.9} and "predictions differ from the float net's" in text
+    teacher_weights = teachers[0].teacher.state_dict()
+    assert at_setup[0].keys() == teacher_weights.keys()
+    assert all(torch.equal(at_setup[0][k], teacher_weights[k]) for k in teacher_weights)
+
+    for bad, needle in ((["--model", "digits", "--distill", "--epochs", "1"], "--distill: only with --model resnet9"),
+                        (["--distill", "--distill-alpha", "1.5"], "--distill-alpha: must be in (0, 1], got 1.5"),
+                        (["--distill-alpha", "0.9"], "--distill-alpha: only with --distill"),
+                        (["--distill", "--distill-alpha", "0"], "--distill-alpha")):
+        with pytest.raises(SystemExit):
+            bench.main(bad)
+        assert needle in capsys.readouterr().err
 
 
 def test_precomputed_teacher_answers_known_rows_without_a_forward():

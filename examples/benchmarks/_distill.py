@@ -15,12 +15,14 @@ from torch import nn
 ALPHA, T = 0.5, 2.0
 
 
-def distill_loss(loss: torch.Tensor, logits: torch.Tensor, x: torch.Tensor, teacher: nn.Module) -> torch.Tensor:
-    """``loss`` (the task loss on ``logits``) mixed with the soft-target term of ``teacher`` on ``x``."""
+def distill_loss(loss: torch.Tensor, logits: torch.Tensor, x: torch.Tensor, teacher: nn.Module,
+                 alpha: float = ALPHA) -> torch.Tensor:
+    """``loss`` (the task loss on ``logits``) mixed with the soft-target term of ``teacher`` on ``x``
+    (weight ``alpha``)."""
     with torch.no_grad():
         soft = F.softmax(teacher(x) / T, dim=1)
     kd = F.kl_div(F.log_softmax(logits / T, dim=1), soft, reduction="batchmean") * T**2
-    return (1 - ALPHA) * loss + ALPHA * kd
+    return (1 - alpha) * loss + alpha * kd
 
 
 class Distilled:
@@ -28,9 +30,10 @@ class Distilled:
     module's own ``training_step`` (which calls ``self.distilled(loss, logits, x)``)."""
 
     teacher: tuple[nn.Module, ...] = ()
+    distill_alpha: float = ALPHA
 
     def distilled(self, loss: torch.Tensor, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return distill_loss(loss, logits, x, self.teacher[0]) if self.teacher else loss
+        return distill_loss(loss, logits, x, self.teacher[0], self.distill_alpha) if self.teacher else loss
 
 
 class PrecomputedTeacher(nn.Module):

@@ -279,7 +279,21 @@ class CompressibleResNet9(Distilled, ResNet9):
         self.freeze_quant_at = None  # plain cosine for every group
 
 
-def run(gamma: float | None, args, teacher: torch.nn.Module | None = None) -> dict:
+def agreement(float_net: torch.nn.Module, net: torch.nn.Module, dm: DigitsDataModule) -> str:
+    """Finer than the accuracy (one image is 0.28 pp): validation predictions that differ from the float net's,
+    each net's cross-entropy on the labels, and KL(float || compressed) of the predicted distributions."""
+    x, y = dm.val_set.tensors
+    with torch.no_grad():
+        lf, lc = float_net.eval()(x), net.eval()(x)
+    ce = torch.nn.functional.cross_entropy
+    kl = torch.nn.functional.kl_div(lc.log_softmax(1), lf.log_softmax(1), log_target=True, reduction="batchmean")
+    return (f"validation: {int((lf.argmax(1) != lc.argmax(1)).sum())} of {len(y)} predictions differ from the float net's "
+            f"| cross-entropy float {ce(lf, y).item():.4f}, compressed {ce(lc, y).item():.4f} | KL(float || compressed) "
+            f"{kl.item():.4f}")
+
+
+def run(gamma: float | None, args, teacher: torch.nn.Module | None = None,
+        start_from: torch.nn.Module | None = None) -> dict:
     pl.seed_everything(args.seed, verbose=False)
     dm = DigitsDataModule(batch_size=DEFAULTS["batch_size"])
     common = dict(epochs=args.epochs, quant_lr=args.quant_lr, lr=DEFAULTS["lr"], weight_decay=0.0)
@@ -287,6 +301,8 @@ def run(gamma: float | None, args, teacher: torch.nn.Module | None = None) -> di
         model = CompressibleResNet9(widths=tuple(args.widths), label_smoothing=args.label_smoothing, **common)
     else:
         model = CompressibleDigitsConvNet(**common)
+    if start_from is not None:  # --warm-start: the float run's trained weights (quantisers attach to them at setup)
+        model.net.load_state_dict(start_from.state_dict())
     if teacher is not None:
         if args.precomputed_teacher:
             dm.setup("fit")
@@ -294,7 +310,7 @@ def run(gamma: float | None, args, teacher: torch.nn.Module | None = None) -> di
             teacher = PrecomputedTeacher(teacher, dm.train_set.tensors[0])
             print(f"teacher outputs on the {len(teacher.table)} distinct training images computed once "
                   f"in {time.perf_counter() - start:.2f} s (looked up per step, no teacher forward)")
-        model.teacher = (teacher.eval(),)
+        model.teacher, model.distill_alpha = (teacher.eval(),), args.distill_alpha
     clock = EpochClock()
     callbacks = [clock]
     if gamma is not None:
@@ -346,6 +362,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=cli.positive_int, default=100, help="interleaved training steps per net")
     parser.add_argument("--distill", action="store_true",
                         help=f"distil the compressed run from the float baseline just trained (a={ALPHA}, T={T}; --model resnet9)")
+    parser.add_argument("--distill-alpha", type=cli.positive_float, default=ALPHA,
+                        help="--distill: weight a of the soft-target term, (1 - a) on the labels' loss; in (0, 1]")
+    parser.add_argument("--warm-start", action="store_true",
+                        help="the compressed run starts from the float run's trained weights instead of the seed's "
+                             "initialisation (then compresses for --epochs epochs, lr schedule restarted)")
     parser.add_argument("--precomputed-teacher", action=argparse.BooleanOptionalAction, default=True,
                         help="--distill: the teacher's outputs on the training images computed once before the run "
                              "(no teacher forward per step); --no-precomputed-teacher: the teacher runs on every batch")
@@ -361,6 +382,10 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"argument --label-smoothing: must be in [0, 1), got {args.label_smoothing}")
     if args.label_smoothing and args.model != "resnet9":
         parser.error(f"argument --label-smoothing: only with --model resnet9, got --model {args.model}")
+    if args.distill_alpha > 1:
+        parser.error(f"argument --distill-alpha: must be in (0, 1], got {args.distill_alpha}")
+    if args.distill_alpha != ALPHA and not args.distill:
+        parser.error(f"argument --distill-alpha: only with --distill, got {args.distill_alpha} without it")
     if args.distill and args.model != "resnet9":
         parser.error(f"argument --distill: only with --model resnet9, got --model {args.model}")
     if args.gamma_warmup and args.gamma_warmup >= (args.freeze_at or 1.0):
@@ -379,7 +404,8 @@ def main(argv: list[str] | None = None) -> dict:
     progress(f"training the float baseline ({args.epochs} epochs)")
     base = run(None, args)
     progress(f"training the compressed run ({args.epochs} epochs, channel removal on)")
-    comp = run(args.gamma, args, teacher=base["model"].net if args.distill else None)
+    comp = run(args.gamma, args, teacher=base["model"].net if args.distill else None,
+               start_from=base["model"].net if args.warm_start else None)
     progress("done training: figures")
     cb, stats, clock = comp["callback"], comp["stats"], comp["clock"]
 
@@ -387,7 +413,7 @@ def main(argv: list[str] | None = None) -> dict:
     what = (f"{args.model} ({'widths ' + str(args.widths) if args.model == 'resnet9' else 'channels 32, 64, 64'}), "
             f"gamma={args.gamma:g}, compute_gamma={args.compute_gamma:g}, column_cost={args.column_cost:g}, shift_decay={args.shift_decay:g}, freeze_at={args.freeze_at}, gamma_warmup={args.gamma_warmup}, {args.epochs} epochs, removal every "
             f"{args.interval} step(s), label smoothing {args.label_smoothing:g}, "
-            f"BatchNorm {'recalibrated' if args.recalibrate else 'running statistics'}, seed {args.seed}{f', distilled from the float run (a={ALPHA}, T={T}, teacher outputs {teacher_mode})' if args.distill else ''}")
+            f"BatchNorm {'recalibrated' if args.recalibrate else 'running statistics'}, seed {args.seed}{f', distilled from the float run (a={args.distill_alpha:g}, T={T}, teacher outputs {teacher_mode})' if args.distill else ''}{', warm-started from the float run' if args.warm_start else ''}")
     print(what)
     dead = dead_producers(comp["model"])
     print("channels (before -> after, dead but still there): " + ", ".join(
@@ -402,6 +428,7 @@ def main(argv: list[str] | None = None) -> dict:
                   + " (kept: another producer of the sum still uses them)")
     drop = 100 * (base["acc"] - comp["acc"])
     print(f"accuracy: float {100 * base['acc']:.2f}% | compressed {100 * comp['acc']:.2f}% (drop {drop:+.2f} pp)")
+    print(agreement(base["model"].net, comp["model"].net, comp["dm"]))
     if args.recalibrate:
         print(f"  before recalibration (running BatchNorm statistics): float {100 * base['acc_running']:.2f}% | "
               f"compressed {100 * comp['acc_running']:.2f}% (drop {100 * (base['acc_running'] - comp['acc_running']):+.2f} pp)")
