@@ -139,7 +139,10 @@ def test_channel_removal_benchmark_runs_end_to_end(tmp_path, capsys):
     assert set(out["latency"]) == {"plain", "simplified"} and set(out["latency"]["plain"]) == {1, 2}
     assert all(v > 0 for r in out["latency"].values() for v in r.values())
     assert 0 < out["weights_pct"] <= 100 and 0 < out["bits_pct"] <= 100
+    capsys.readouterr()
     again = main(["--load", str(saved), "--reps", "3", "--batches", "1"])
+    text = capsys.readouterr().out
+    assert "accuracy: float" in text and "predictions differ from the float net's" in text
     assert set(again["latency"]["simplified"]) == {1}
 
 

@@ -396,6 +396,10 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"nets loaded from {args.load}: {saved['what']}")
         dm = DigitsDataModule(batch_size=DEFAULTS["batch_size"])
         dm.setup("fit")
+        acc = {k: _accuracy(saved[k], dm) for k in ("float", "exported")}
+        print(f"accuracy: float {100 * acc['float']:.2f}% | exported {100 * acc['exported']:.2f}% "
+              f"(drop {100 * (acc['float'] - acc['exported']):+.2f} pp)")
+        print(agreement(saved["float"], saved["exported"], dm))
         ratios = report_latency(saved["float"], saved["exported"], dm, args.batches, args.reps)
         return {"latency": ratios}
     decisions: list = []
