@@ -177,7 +177,8 @@ def test_channel_removal_benchmark_distills_from_the_float_run(monkeypatch, caps
     float_weights = {k: v.clone() for k, v in teachers[0].teacher.state_dict().items()}
     assert not torch.equal(at_setup[0]["0.0.weight"], float_weights["0.0.weight"])  # cold start: the seed's init
 
-    teachers.clear(), alphas.clear(), at_setup.clear()
+    for seen in (teachers, alphas, at_setup):
+        seen.clear()
     bench.main([*args, "--distill-alpha", "0.9", "--warm-start"])
     text = capsys.readouterr().out
     assert "distilled from the float run (a=0.9" in text and "warm-started from the float run" in text
@@ -189,6 +190,7 @@ def test_channel_removal_benchmark_distills_from_the_float_run(monkeypatch, caps
     for bad, needle in ((["--model", "digits", "--distill", "--epochs", "1"], "--distill: only with --model resnet9"),
                         (["--distill", "--distill-alpha", "1.5"], "--distill-alpha: must be in (0, 1], got 1.5"),
                         (["--distill-alpha", "0.9"], "--distill-alpha: only with --distill"),
+                        (["--distill-alpha", "0.5"], "--distill-alpha: only with --distill"),
                         (["--distill", "--distill-alpha", "0"], "--distill-alpha")):
         with pytest.raises(SystemExit):
             bench.main(bad)

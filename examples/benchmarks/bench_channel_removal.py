@@ -362,8 +362,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=cli.positive_int, default=100, help="interleaved training steps per net")
     parser.add_argument("--distill", action="store_true",
                         help=f"distil the compressed run from the float baseline just trained (a={ALPHA}, T={T}; --model resnet9)")
-    parser.add_argument("--distill-alpha", type=cli.positive_float, default=ALPHA,
-                        help="--distill: weight a of the soft-target term, (1 - a) on the labels' loss; in (0, 1]")
+    parser.add_argument("--distill-alpha", type=cli.positive_float, default=None,
+                        help=f"--distill: weight a of the soft-target term, (1 - a) on the labels' loss; in (0, 1] "
+                             f"(default {ALPHA})")
     parser.add_argument("--warm-start", action="store_true",
                         help="the compressed run starts from the float run's trained weights instead of the seed's "
                              "initialisation (then compresses for --epochs epochs, lr schedule restarted)")
@@ -382,10 +383,11 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"argument --label-smoothing: must be in [0, 1), got {args.label_smoothing}")
     if args.label_smoothing and args.model != "resnet9":
         parser.error(f"argument --label-smoothing: only with --model resnet9, got --model {args.model}")
-    if args.distill_alpha > 1:
-        parser.error(f"argument --distill-alpha: must be in (0, 1], got {args.distill_alpha}")
-    if args.distill_alpha != ALPHA and not args.distill:
+    if args.distill_alpha is not None and not args.distill:
         parser.error(f"argument --distill-alpha: only with --distill, got {args.distill_alpha} without it")
+    if args.distill_alpha is not None and args.distill_alpha > 1:
+        parser.error(f"argument --distill-alpha: must be in (0, 1], got {args.distill_alpha}")
+    args.distill_alpha = ALPHA if args.distill_alpha is None else args.distill_alpha
     if args.distill and args.model != "resnet9":
         parser.error(f"argument --distill: only with --model resnet9, got --model {args.model}")
     if args.gamma_warmup and args.gamma_warmup >= (args.freeze_at or 1.0):
